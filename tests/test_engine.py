@@ -1,0 +1,422 @@
+"""The engine against independent full-sequence computations on a tiny random family."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from decoding.composition import make_composition
+from decoding.engine import Engine, EngineConfig
+from decoding.family import FamilyError, load_family
+from decoding.request import (
+    GenerationRequest,
+    QueueFullError,
+    RequestValidationError,
+    SamplingParams,
+)
+
+PROMPTS = ["the river city", "a king of salt and copper was founded", "café 東京 😀", "north"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def request(family, rid, text, knobs=None, model=None, **params):
+    ids = family.tokenizer.encode(text)
+    comp = make_composition(family, model, knobs)
+    params.setdefault("temperature", 0.0)
+    return GenerationRequest(rid, {m: ids for m in family.models}, comp, SamplingParams(**params))
+
+
+async def collect(engine, req):
+    """All events of a request, merged per sibling: tokens, logprobs, text, finish."""
+    out = {}
+    async for ev in engine.submit(req):
+        s = out.setdefault(ev.index, {"tokens": [], "lps": [], "text": "", "finish": None})
+        s["tokens"] += ev.token_ids
+        s["lps"] += ev.logprobs or []
+        s["text"] += ev.text
+        if ev.finish_reason:
+            s["finish"] = ev.finish_reason
+            s["error"] = ev.error
+        if ev.prompt_logprobs is not None:
+            s["prompt_logprobs"] = ev.prompt_logprobs
+    return out
+
+
+async def started(family, **cfg):
+    engine = Engine(family, EngineConfig(**cfg))
+    engine.start()
+    return engine
+
+
+@torch.inference_mode()
+def reference_logprobs(family, coeffs, ids):
+    """Composed log-probs at every position of `ids`, from full-sequence forwards (no cache)."""
+    v = family.vocab_size
+    total = 0
+    for name, c in coeffs.items():
+        logits = family.models[name].module(torch.tensor([ids])).logits[0, :, :v].float()
+        total = total + c * torch.log_softmax(logits, -1).clamp_min(-1e4)
+    return torch.log_softmax(total, -1)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"helpful": 1.0},
+        {"helpful": 0.7, "harmless": 0.3},
+        {"helpful": 2.5, "harmless": 1.5},
+        {"helpful": 0.0, "harmless": 0.0},
+    ],
+)
+def test_composed_logprobs_equal_full_sequence_computation(tiny_family, knobs):
+    req = request(tiny_family, "r", PROMPTS[1], knobs, max_tokens=8, logprobs=3, ignore_eos=True)
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            return await collect(engine, req)
+        finally:
+            await engine.shutdown()
+
+    out = run(go())[0]
+    prompt = req.prompt_ids["large-base"]
+    ref = reference_logprobs(tiny_family, req.composition.coeffs, prompt + out["tokens"])
+    assert len(out["tokens"]) == 8
+    for t, (tok, lp) in enumerate(zip(out["tokens"], out["lps"], strict=True)):
+        row = ref[len(prompt) - 1 + t]
+        assert tok == int(row.argmax()), "greedy must pick the composed argmax"
+        assert lp.logprob == pytest.approx(float(row[tok]), abs=1e-4)
+        top_ids = [i for i, _ in lp.top]
+        assert top_ids == row.topk(3).indices.tolist()
+        for i, v in lp.top:
+            assert v == pytest.approx(float(row[i]), abs=1e-4)
+
+
+def test_all_zero_weights_is_the_large_base_alone(tiny_family):
+    zero = make_composition(tiny_family, None, {"helpful": 0, "harmless": 0})
+    assert zero.coeffs == {"large-base": 1.0}
+    eft = make_composition(tiny_family, None, {"helpful": 1})
+    assert eft.coeffs == {"large-base": 1.0, "helpful": 1.0, "small-base": -1.0}
+
+
+def test_rows_with_different_lengths_and_knobs_match_running_alone(tiny_family):
+    settings = [
+        (PROMPTS[0], {"helpful": 1.0}),
+        (PROMPTS[1], {"helpful": 0.2, "harmless": 0.8}),
+        (PROMPTS[2], None),
+        (PROMPTS[3], {"harmless": 3.0}),
+    ]
+    reqs = lambda tag: [  # noqa: E731
+        request(tiny_family, f"{tag}{i}", p, k, max_tokens=10, logprobs=2, ignore_eos=True)
+        for i, (p, k) in enumerate(settings)
+    ]
+    late = lambda tag: request(  # noqa: E731
+        tiny_family, f"{tag}-late", PROMPTS[2], {"helpful": 0.5}, max_tokens=6, logprobs=2,
+        ignore_eos=True,
+    )
+
+    async def alone():
+        engine = await started(tiny_family)
+        try:
+            return [await collect(engine, r) for r in reqs("a") + [late("a")]]
+        finally:
+            await engine.shutdown()
+
+    async def together():
+        engine = await started(tiny_family)
+        try:
+            first = reqs("b")
+            stream = engine.submit(first[0])
+            tasks = [asyncio.create_task(collect(engine, r)) for r in first[1:]]
+            head = [await stream.__anext__() for _ in range(3)]  # 3 steps in: others run too
+            tasks.append(asyncio.create_task(collect(engine, late("b"))))
+            rest = [ev async for ev in stream]
+            merged = {0: {"tokens": [t for ev in head + rest for t in ev.token_ids],
+                          "lps": [lp for ev in head + rest for lp in ev.logprobs or []]}}
+            return [merged, *await asyncio.gather(*tasks)]
+        finally:
+            await engine.shutdown()
+
+    solo, batched = run(alone()), run(together())
+    for a, b in zip(solo, batched, strict=True):
+        assert a[0]["tokens"] == b[0]["tokens"]
+        for x, y in zip(a[0]["lps"], b[0]["lps"], strict=True):
+            assert x.logprob == pytest.approx(y.logprob, abs=1e-4)
+
+
+def test_single_model_composition_runs_only_that_model(tiny_family):
+    seen: set[str] = set()
+    engine = Engine(tiny_family, on_step=lambda s: seen.update(s.forward_seconds))
+
+    async def go():
+        engine.start()
+        try:
+            return await collect(engine, request(tiny_family, "r", "the", model="helpful",
+                                                 max_tokens=4))
+        finally:
+            await engine.shutdown()
+
+    run(go())
+    assert seen == {"helpful"}
+
+
+def test_seeded_sampling_is_reproducible_with_different_companions(tiny_family):
+    def seeded(rid):
+        return request(tiny_family, rid, PROMPTS[0], {"helpful": 1.0}, max_tokens=12,
+                       temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+
+    async def go(companions):
+        engine = await started(tiny_family)
+        try:
+            others = [
+                asyncio.create_task(collect(engine, request(
+                    tiny_family, f"o{i}", PROMPTS[i % 4], {"harmless": 1.0}, max_tokens=12,
+                    temperature=1.3, ignore_eos=True)))
+                for i in range(companions)
+            ]
+            mine = await collect(engine, seeded(f"s{companions}"))
+            await asyncio.gather(*others)
+            return mine[0]["tokens"]
+        finally:
+            await engine.shutdown()
+
+    alone, crowded = run(go(0)), run(go(5))
+    assert alone == crowded
+    assert len(set(alone)) > 1
+
+
+def test_n_siblings_share_one_prefill_and_differ_when_sampled(tiny_family):
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            greedy = await collect(engine, request(tiny_family, "g", PROMPTS[0], n=3,
+                                                   max_tokens=6, ignore_eos=True))
+            sampled = await collect(engine, request(tiny_family, "s", PROMPTS[0], n=3,
+                                                    max_tokens=6, temperature=1.5, seed=7,
+                                                    ignore_eos=True))
+            return greedy, sampled
+        finally:
+            await engine.shutdown()
+
+    greedy, sampled = run(go())
+    assert len({tuple(s["tokens"]) for s in greedy.values()}) == 1
+    assert len({tuple(s["tokens"]) for s in sampled.values()}) > 1
+    assert all(s["finish"] == "length" for s in sampled.values())
+
+
+def test_cancel_frees_the_slot(tiny_family):
+    async def go():
+        engine = await started(tiny_family, max_batch_size=2)
+        try:
+            it = engine.submit(request(tiny_family, "long", PROMPTS[0], max_tokens=200,
+                                       ignore_eos=True))
+            first = await it.__anext__()
+            assert first.token_ids
+            assert engine.num_running == 1
+            await it.aclose()  # the consumer goes away: the request is cancelled
+            for _ in range(200):
+                if engine.num_running == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.num_running == 0
+            # Both slots are free again.
+            outs = await asyncio.gather(*[
+                collect(engine, request(tiny_family, f"n{i}", PROMPTS[1], n=1, max_tokens=3,
+                                        ignore_eos=True)) for i in range(2)])
+            return outs
+        finally:
+            await engine.shutdown()
+
+    outs = run(go())
+    assert all(o[0]["finish"] == "length" for o in outs)
+
+
+def test_stop_string_spanning_token_boundaries_is_cut(tiny_family):
+    async def go(stop):
+        engine = await started(tiny_family)
+        try:
+            return (await collect(engine, request(tiny_family, "r", PROMPTS[1], {"helpful": 1},
+                                                  max_tokens=20, ignore_eos=True, stop=stop)))[0]
+        finally:
+            await engine.shutdown()
+
+    free = run(go([]))
+    tok = tiny_family.tokenizer
+    pieces = [tok.decode([t]) for t in free["tokens"]]
+    # A stop string made of the end of token 3 and the start of token 4.
+    k = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and pieces[i + 1])
+    stop = pieces[k][-1] + pieces[k + 1][:1]
+    cut = free["text"].find(stop)
+    stopped = run(go([stop]))
+    assert stopped["finish"] == "stop"
+    assert stopped["text"] == free["text"][:cut]
+    assert stop not in stopped["text"]
+
+
+def test_long_prompt_is_chunked_and_matches_whole_prefill(tiny_family):
+    long_text = " ".join([PROMPTS[1]] * 6)
+
+    async def go(budget):
+        engine = await started(tiny_family, max_prefill_tokens=budget)
+        steps = []
+        engine.on_step = lambda s: steps.append((s.prompt_tokens, s.batch_size))
+        try:
+            short = asyncio.create_task(collect(engine, request(
+                tiny_family, "short", PROMPTS[0], max_tokens=30, ignore_eos=True)))
+            while engine.num_running < 1:
+                await asyncio.sleep(0.001)
+            out = await collect(engine, request(tiny_family, "long", long_text, {"helpful": 1},
+                                                max_tokens=5, logprobs=1, ignore_eos=True))
+            await short
+            return out[0], steps
+        finally:
+            await engine.shutdown()
+
+    whole, _ = run(go(4096))
+    chunked, steps = run(go(8))
+    assert chunked["tokens"] == whole["tokens"]
+    for a, b in zip(chunked["lps"], whole["lps"], strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+    # The short request kept decoding while the long prompt was prefilled 8 tokens a step.
+    assert max(p for p, _ in steps) <= 8
+    assert sum(1 for p, b in steps if p > 0 and b > 0) >= 3
+
+
+def test_prompt_logprobs_equal_full_sequence_computation(tiny_family):
+    req = request(tiny_family, "echo", PROMPTS[1], {"helpful": 0.6, "harmless": 0.4},
+                  max_tokens=0, prompt_logprobs=2)
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            return (await collect(engine, req))[0]
+        finally:
+            await engine.shutdown()
+
+    out = run(go())
+    ids = req.prompt_ids["large-base"]
+    ref = reference_logprobs(tiny_family, req.composition.coeffs, ids)
+    plp = out["prompt_logprobs"]
+    assert out["finish"] == "length" and out["tokens"] == []
+    assert plp[0] is None and len(plp) == len(ids)
+    for t in range(1, len(ids)):
+        assert plp[t].token_id == ids[t]
+        assert plp[t].logprob == pytest.approx(float(ref[t - 1, ids[t]]), abs=1e-4)
+        assert [i for i, _ in plp[t].top] == ref[t - 1].topk(2).indices.tolist()
+
+
+def test_nan_in_one_row_fails_only_that_request(tiny_family):
+    poison = tiny_family.tokenizer.encode("salt")[0]
+    emb = tiny_family.models["helpful"].module.get_input_embeddings()
+
+    def hook(module, args, output):
+        rows = (args[0] == poison).any(-1)
+        output[rows] = float("nan")
+        return output
+
+    handle = emb.register_forward_hook(hook)
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            good = asyncio.create_task(collect(engine, request(
+                tiny_family, "good", PROMPTS[0], {"helpful": 1}, max_tokens=6, ignore_eos=True)))
+            bad = asyncio.create_task(collect(engine, request(
+                tiny_family, "bad", "salt salt", {"helpful": 1}, max_tokens=6, ignore_eos=True)))
+            return await good, await bad
+        finally:
+            await engine.shutdown()
+
+    try:
+        good, bad = run(go())
+    finally:
+        handle.remove()
+    assert bad[0]["finish"] == "error" and "finite" in bad[0]["error"]
+    assert good[0]["finish"] == "length" and len(good[0]["tokens"]) == 6
+
+
+def test_min_tokens_and_stop_token_ids(tiny_family):
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            free = (await collect(engine, request(tiny_family, "a", PROMPTS[0], max_tokens=8,
+                                                  ignore_eos=True)))[0]
+            stop_tok = free["tokens"][2]
+            stopped = (await collect(engine, request(tiny_family, "b", PROMPTS[0], max_tokens=8,
+                                                     ignore_eos=True,
+                                                     stop_token_ids=[stop_tok])))[0]
+            held = (await collect(engine, request(tiny_family, "c", PROMPTS[0], max_tokens=8,
+                                                  ignore_eos=True, stop_token_ids=[stop_tok],
+                                                  min_tokens=8)))[0]
+            return free, stop_tok, stopped, held
+        finally:
+            await engine.shutdown()
+
+    free, stop_tok, stopped, held = run(go())
+    first = free["tokens"].index(stop_tok)
+    assert stopped["tokens"] == free["tokens"][: first + 1]
+    assert stopped["finish"] == "stop"
+    assert len(held["tokens"]) == 8 and stop_tok not in held["tokens"]
+
+
+def test_queue_full_is_an_immediate_typed_rejection(tiny_family):
+    async def go():
+        engine = Engine(tiny_family, EngineConfig(max_waiting=2))  # not started: nothing drains
+        engine.start = lambda: None
+        engine.submit(request(tiny_family, "1", "a"))
+        engine.submit(request(tiny_family, "2", "a"))
+        with pytest.raises(QueueFullError):
+            engine.submit(request(tiny_family, "3", "a"))
+
+    run(go())
+
+
+def test_over_long_request_is_a_validation_error_naming_the_limit(tiny_family):
+    async def go():
+        engine = Engine(tiny_family)
+        with pytest.raises(RequestValidationError, match="maximum context length is 512"):
+            engine.submit(request(tiny_family, "r", "a", max_tokens=600))
+
+    run(go())
+
+
+def test_vocabulary_mismatch_is_refused_at_load(tmp_path):
+    from demo.random_family import build_random_family, sample_text, train_tokenizer
+
+    path = build_random_family(tmp_path)
+    other = train_tokenizer(sample_text(seed=99)[:50], vocab_size=300)
+    other.save_pretrained(tmp_path / "harmless")
+    with pytest.raises(FamilyError, match="'large-base' and 'harmless'"):
+        load_family(path)
+
+
+def test_bad_family_yaml_names_the_field(tmp_path):
+    (tmp_path / "f.yaml").write_text(
+        "name: x\nmodels: {a: {path: a}, b: {path: b}}\nbase: a\nreference: b\nexperts: [c]\n"
+    )
+    with pytest.raises(FamilyError, match="experts"):
+        load_family(tmp_path / "f.yaml")
+
+
+def test_queue_bounds_do_not_leak_after_many_requests(tiny_family):
+    async def go():
+        engine = await started(tiny_family, max_batch_size=4)
+        try:
+            await asyncio.gather(*[
+                collect(engine, request(tiny_family, f"r{i}", PROMPTS[i % 4],
+                                        {"helpful": (i % 3) / 2}, max_tokens=3))
+                for i in range(12)
+            ])
+            await asyncio.sleep(0.05)
+            return engine.num_running, engine.num_waiting, engine._batches
+        finally:
+            await engine.shutdown()
+
+    running, waiting, batches = run(go())
+    assert (running, waiting) == (0, 0)
+    assert all(b.size == 0 and b.nbytes() == 0 for b in batches.values())
