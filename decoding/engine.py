@@ -328,12 +328,12 @@ class Engine:
             composed = combine(len(rows), [(i, c, lp) for _, i, c, lp in parts])
             stats.combine_seconds = time.perf_counter() - t0
             t0 = time.perf_counter()
-            tokens, chosen, top = self._sample(rows, composed, parts)
+            tokens, chosen, top, on_device = self._sample(rows, composed, parts)
             stats.sample_seconds = time.perf_counter() - t0
             events += self._postprocess(rows, tokens, chosen, top)
             stats.batch_size = len(rows)
             stats.generated_tokens = len(rows)
-            self._merge(new_rows, admitted, tokens)
+            self._merge(new_rows, on_device)
         self._deliver(events)
         self._report_finished(events, stats)
         stats.num_running = len(self._rows)
@@ -345,14 +345,18 @@ class Engine:
         if self.on_step is not None:
             self.on_step(stats)
 
-    def _decode_parts(self, stats: StepStats) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _decode_parts(
+        self, stats: StepStats
+    ) -> list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Forward every running row's last token through each model it uses."""
         if self._dirty:
             self._rebuild(self._rows)
         parts = []
         for name, (idx, coef) in self._row_index.items():
             t0 = time.perf_counter()
-            logits = self._batches[name].forward(self._last_tokens.index_select(0, idx).unsqueeze(-1))
+            logits = self._batches[name].forward(
+                self._last_tokens.index_select(0, idx).unsqueeze(-1)
+            )
             lp = log_probs(logits[:, -1].to(self.device), self.vocab_size)
             parts.append((name, idx, coef, lp))
             stats.forward_seconds[name] = time.perf_counter() - t0
@@ -466,7 +470,9 @@ class Engine:
         events: list[tuple[_Request, SequenceOutput]] = []
         order = {name: self._prefill_order(admitted, name) for name in last}
         for s in admitted:
-            plp = self._prompt_logprobs(s, full) if s.req.params.prompt_logprobs is not None else None
+            plp = (
+                self._prompt_logprobs(s, full) if s.req.params.prompt_logprobs is not None else None
+            )
             if s.req.params.max_tokens == 0:
                 events += self._finish_unstarted(s, "length", prompt_logprobs=plp)
                 continue
@@ -577,14 +583,12 @@ class Engine:
 
     def _sample(
         self, rows: list[_Seq], composed: torch.Tensor, parts: list
-    ) -> tuple[list[int], list[float] | None, list[list[tuple[int, float]]] | None]:
+    ) -> tuple[list[int], list[float] | None, list[list[tuple[int, float]]] | None, torch.Tensor]:
         bs = self._sampling
         scores = composed
         if self._filters is not None:
             scores = scores.masked_fill(self._filter_mask(len(rows), parts), -torch.inf)
-        pending = [
-            (i, s) for i, s in enumerate(rows) if len(s.output) < s.params.min_tokens
-        ]
+        pending = [(i, s) for i, s in enumerate(rows) if len(s.output) < s.params.min_tokens]
         if pending:  # min_tokens: EOS and stop token ids cannot be sampled yet
             r, c = [], []
             for i, s in pending:
@@ -607,13 +611,13 @@ class Engine:
         tokens = torch.where(bad, torch.full_like(tokens, -1), tokens)
         token_list = tokens.tolist()  # the step's one device -> host sync
         if bs.max_logprobs < 0:
-            return token_list, None, None
+            return token_list, None, None, tokens
         safe = tokens.clamp_min(0).unsqueeze(-1)
         chosen = composed.gather(1, safe).squeeze(-1).tolist()
         k = bs.max_logprobs
         top_v, top_i = composed.topk(max(k, 1), dim=-1)
         tops = [list(zip(i[:k], v[:k])) for i, v in zip(top_i.tolist(), top_v.tolist())]
-        return token_list, chosen, tops
+        return token_list, chosen, tops, tokens
 
     def _filter_mask(self, batch: int, parts: list) -> torch.Tensor:
         """Conservative decoding: True for tokens outside the base nucleus / plausible set."""
@@ -658,9 +662,16 @@ class Engine:
             p = seq.params
             if tok < 0:
                 seq.finished = True
-                events.append((seq.request, self._final(
-                    seq, "error", "the composed distribution is not finite (NaN or inf log-probs)"
-                )))
+                events.append(
+                    (
+                        seq.request,
+                        self._final(
+                            seq,
+                            "error",
+                            "the composed distribution is not finite (NaN or inf log-probs)",
+                        ),
+                    )
+                )
                 continue
             seq.output.append(tok)
             out = SequenceOutput(
@@ -690,16 +701,18 @@ class Engine:
             events.append((seq.request, out))
         return events
 
-    def _merge(self, new_rows: list[_Seq], admitted: list[_Request], tokens: list[int]) -> None:
-        """Add the new rows to every model's batch, then drop finished rows everywhere."""
-        all_tokens = torch.tensor([max(t, 0) for t in tokens], device=self.device)
+    def _merge(self, new_rows: list[_Seq], tokens: torch.Tensor) -> None:
+        """Add the new rows to every model's batch, then drop finished rows everywhere.
+
+        `tokens` (on the device) are the next decode step's inputs: no host round trip.
+        """
         if new_rows:
             for name, batch in self._new_batches.items():
                 batch.select(self._new_src[name])  # one row per sibling
                 self._batches[name].extend(batch)
             self._rows = self._rows + new_rows
             self._dirty = True
-        self._last_tokens = all_tokens
+        self._last_tokens = tokens.clamp_min(0)
         keep = [i for i, s in enumerate(self._rows) if not s.finished]
         if len(keep) != len(self._rows):
             self._keep_rows(keep)
@@ -785,9 +798,7 @@ class Engine:
         if stats is not None:
             stats.finished += finished
         elif finished and self.on_step is not None:
-            self.on_step(
-                StepStats(0, len(self._rows), self._num_waiting, finished=finished)
-            )
+            self.on_step(StepStats(0, len(self._rows), self._num_waiting, finished=finished))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, SequenceOutput]]) -> None:

@@ -96,7 +96,8 @@ class FamilyConfig(BaseModel):
             cfg = cls.model_validate(raw)
         except ValidationError as exc:
             errs = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                for e in exc.errors()
             )
             raise FamilyError(f"invalid family config {path}: {errs}") from exc
         for spec in cfg.models.values():
@@ -261,7 +262,10 @@ def load_family(
         m = models[name]
         log.info(
             "loaded %s (%.1fM params, %s, %s) from %s",
-            name, m.num_params / 1e6, m.input_device, str(m.dtype).removeprefix("torch."),
+            name,
+            m.num_params / 1e6,
+            m.input_device,
+            str(m.dtype).removeprefix("torch."),
             config.models[name].path,
         )
     check_same_tokenizer(models)

@@ -13,14 +13,67 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from .family import LoadedModel
+
+
+class GrowableLayer(DynamicLayer):
+    """A `DynamicLayer` that appends into spare capacity instead of re-concatenating.
+
+    HF's `DynamicLayer.update` runs `torch.cat` on every step, copying the whole cache of the
+    batch each token. Here `keys`/`values` are views of the first T columns of a larger buffer;
+    a step writes one column in place, and the buffer grows by half when full (amortised O(1)).
+    Whenever `keys` was replaced from outside (rows selected, batches concatenated) the next
+    update adopts the new tensor as a fresh buffer, so `ModelBatch` can stay a plain tensor edit.
+    """
+
+    _kbuf: torch.Tensor | None = None
+    _vbuf: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        t = key_states.shape[-2]
+        used = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        buf = self._kbuf
+        if (
+            buf is None
+            or self.keys.dim() != 4
+            or self.keys.data_ptr() != buf.data_ptr()
+            or self.keys.shape[:2] != buf.shape[:2]
+            or used + t > buf.shape[-2]
+        ):
+            self._grow(key_states, value_states, used, t)
+        self._kbuf[:, :, used : used + t] = key_states
+        self._vbuf[:, :, used : used + t] = value_states
+        self.keys = self._kbuf[:, :, : used + t]
+        self.values = self._vbuf[:, :, : used + t]
+        return self.keys, self.values
+
+    def _grow(self, k: torch.Tensor, v: torch.Tensor, used: int, t: int) -> None:
+        capacity = used + t + max(16, (used + t) // 2)
+        shape = (k.shape[0], k.shape[1], capacity, k.shape[3])
+        kbuf, vbuf = k.new_empty(shape), v.new_empty((*shape[:3], v.shape[3]))
+        if used:
+            kbuf[:, :, :used] = self.keys
+            vbuf[:, :, :used] = self.values
+        self._kbuf, self._vbuf = kbuf, vbuf
+
+
+def new_cache(config) -> DynamicCache:
+    """A DynamicCache whose full-attention layers are `GrowableLayer`s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        GrowableLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
 
 
 class ModelBatch:
     def __init__(self, model: LoadedModel):
         self.model = model
-        self.cache = DynamicCache(config=model.module.config)
+        self.cache = new_cache(model.module.config)
         self.device = model.input_device
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [b, T]
         self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [b]
@@ -99,7 +152,9 @@ class ModelBatch:
         width = max(self.width, other.width)
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+            mine.values = torch.cat(
+                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+            )
         self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
         self.next_pos = torch.cat([self.next_pos, other.next_pos])
         self.lengths = self.lengths + other.lengths

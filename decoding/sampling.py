@@ -50,7 +50,9 @@ class BatchSampling:
         greedy = [p.temperature <= 0.0 for p in params]
         top_k = [p.top_k if p.top_k and p.top_k > 0 else vocab_size for p in params]
         return cls(
-            temperature=t([1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32),
+            temperature=t(
+                [1.0 if g else p.temperature for p, g in zip(params, greedy)], torch.float32
+            ),
             greedy=t(greedy, torch.bool),
             top_k=t([min(k, vocab_size) for k in top_k], torch.long),
             top_p=t([p.top_p for p in params], torch.float32),

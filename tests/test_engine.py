@@ -116,7 +116,12 @@ def test_rows_with_different_lengths_and_knobs_match_running_alone(tiny_family):
         for i, (p, k) in enumerate(settings)
     ]
     late = lambda tag: request(  # noqa: E731
-        tiny_family, f"{tag}-late", PROMPTS[2], {"helpful": 0.5}, max_tokens=6, logprobs=2,
+        tiny_family,
+        f"{tag}-late",
+        PROMPTS[2],
+        {"helpful": 0.5},
+        max_tokens=6,
+        logprobs=2,
         ignore_eos=True,
     )
 
@@ -136,8 +141,12 @@ def test_rows_with_different_lengths_and_knobs_match_running_alone(tiny_family):
             head = [await stream.__anext__() for _ in range(3)]  # 3 steps in: others run too
             tasks.append(asyncio.create_task(collect(engine, late("b"))))
             rest = [ev async for ev in stream]
-            merged = {0: {"tokens": [t for ev in head + rest for t in ev.token_ids],
-                          "lps": [lp for ev in head + rest for lp in ev.logprobs or []]}}
+            merged = {
+                0: {
+                    "tokens": [t for ev in head + rest for t in ev.token_ids],
+                    "lps": [lp for ev in head + rest for lp in ev.logprobs or []],
+                }
+            }
             return [merged, *await asyncio.gather(*tasks)]
         finally:
             await engine.shutdown()
@@ -156,8 +165,9 @@ def test_single_model_composition_runs_only_that_model(tiny_family):
     async def go():
         engine.start()
         try:
-            return await collect(engine, request(tiny_family, "r", "the", model="helpful",
-                                                 max_tokens=4))
+            return await collect(
+                engine, request(tiny_family, "r", "the", model="helpful", max_tokens=4)
+            )
         finally:
             await engine.shutdown()
 
@@ -167,16 +177,36 @@ def test_single_model_composition_runs_only_that_model(tiny_family):
 
 def test_seeded_sampling_is_reproducible_with_different_companions(tiny_family):
     def seeded(rid):
-        return request(tiny_family, rid, PROMPTS[0], {"helpful": 1.0}, max_tokens=12,
-                       temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+        return request(
+            tiny_family,
+            rid,
+            PROMPTS[0],
+            {"helpful": 1.0},
+            max_tokens=12,
+            temperature=1.0,
+            top_p=0.95,
+            seed=1234,
+            ignore_eos=True,
+        )
 
     async def go(companions):
         engine = await started(tiny_family)
         try:
             others = [
-                asyncio.create_task(collect(engine, request(
-                    tiny_family, f"o{i}", PROMPTS[i % 4], {"harmless": 1.0}, max_tokens=12,
-                    temperature=1.3, ignore_eos=True)))
+                asyncio.create_task(
+                    collect(
+                        engine,
+                        request(
+                            tiny_family,
+                            f"o{i}",
+                            PROMPTS[i % 4],
+                            {"harmless": 1.0},
+                            max_tokens=12,
+                            temperature=1.3,
+                            ignore_eos=True,
+                        ),
+                    )
+                )
                 for i in range(companions)
             ]
             mine = await collect(engine, seeded(f"s{companions}"))
@@ -194,11 +224,22 @@ def test_n_siblings_share_one_prefill_and_differ_when_sampled(tiny_family):
     async def go():
         engine = await started(tiny_family)
         try:
-            greedy = await collect(engine, request(tiny_family, "g", PROMPTS[0], n=3,
-                                                   max_tokens=6, ignore_eos=True))
-            sampled = await collect(engine, request(tiny_family, "s", PROMPTS[0], n=3,
-                                                    max_tokens=6, temperature=1.5, seed=7,
-                                                    ignore_eos=True))
+            greedy = await collect(
+                engine, request(tiny_family, "g", PROMPTS[0], n=3, max_tokens=6, ignore_eos=True)
+            )
+            sampled = await collect(
+                engine,
+                request(
+                    tiny_family,
+                    "s",
+                    PROMPTS[0],
+                    n=3,
+                    max_tokens=6,
+                    temperature=1.5,
+                    seed=7,
+                    ignore_eos=True,
+                ),
+            )
             return greedy, sampled
         finally:
             await engine.shutdown()
@@ -213,8 +254,9 @@ def test_cancel_frees_the_slot(tiny_family):
     async def go():
         engine = await started(tiny_family, max_batch_size=2)
         try:
-            it = engine.submit(request(tiny_family, "long", PROMPTS[0], max_tokens=200,
-                                       ignore_eos=True))
+            it = engine.submit(
+                request(tiny_family, "long", PROMPTS[0], max_tokens=200, ignore_eos=True)
+            )
             first = await it.__anext__()
             assert first.token_ids
             assert engine.num_running == 1
@@ -225,9 +267,17 @@ def test_cancel_frees_the_slot(tiny_family):
                 await asyncio.sleep(0.01)
             assert engine.num_running == 0
             # Both slots are free again.
-            outs = await asyncio.gather(*[
-                collect(engine, request(tiny_family, f"n{i}", PROMPTS[1], n=1, max_tokens=3,
-                                        ignore_eos=True)) for i in range(2)])
+            outs = await asyncio.gather(
+                *[
+                    collect(
+                        engine,
+                        request(
+                            tiny_family, f"n{i}", PROMPTS[1], n=1, max_tokens=3, ignore_eos=True
+                        ),
+                    )
+                    for i in range(2)
+                ]
+            )
             return outs
         finally:
             await engine.shutdown()
@@ -240,8 +290,20 @@ def test_stop_string_spanning_token_boundaries_is_cut(tiny_family):
     async def go(stop):
         engine = await started(tiny_family)
         try:
-            return (await collect(engine, request(tiny_family, "r", PROMPTS[1], {"helpful": 1},
-                                                  max_tokens=20, ignore_eos=True, stop=stop)))[0]
+            return (
+                await collect(
+                    engine,
+                    request(
+                        tiny_family,
+                        "r",
+                        PROMPTS[1],
+                        {"helpful": 1},
+                        max_tokens=20,
+                        ignore_eos=True,
+                        stop=stop,
+                    ),
+                )
+            )[0]
         finally:
             await engine.shutdown()
 
@@ -266,12 +328,26 @@ def test_long_prompt_is_chunked_and_matches_whole_prefill(tiny_family):
         steps = []
         engine.on_step = lambda s: steps.append((s.prompt_tokens, s.batch_size))
         try:
-            short = asyncio.create_task(collect(engine, request(
-                tiny_family, "short", PROMPTS[0], max_tokens=30, ignore_eos=True)))
+            short = asyncio.create_task(
+                collect(
+                    engine,
+                    request(tiny_family, "short", PROMPTS[0], max_tokens=30, ignore_eos=True),
+                )
+            )
             while engine.num_running < 1:
                 await asyncio.sleep(0.001)
-            out = await collect(engine, request(tiny_family, "long", long_text, {"helpful": 1},
-                                                max_tokens=5, logprobs=1, ignore_eos=True))
+            out = await collect(
+                engine,
+                request(
+                    tiny_family,
+                    "long",
+                    long_text,
+                    {"helpful": 1},
+                    max_tokens=5,
+                    logprobs=1,
+                    ignore_eos=True,
+                ),
+            )
             await short
             return out[0], steps
         finally:
@@ -288,8 +364,14 @@ def test_long_prompt_is_chunked_and_matches_whole_prefill(tiny_family):
 
 
 def test_prompt_logprobs_equal_full_sequence_computation(tiny_family):
-    req = request(tiny_family, "echo", PROMPTS[1], {"helpful": 0.6, "harmless": 0.4},
-                  max_tokens=0, prompt_logprobs=2)
+    req = request(
+        tiny_family,
+        "echo",
+        PROMPTS[1],
+        {"helpful": 0.6, "harmless": 0.4},
+        max_tokens=0,
+        prompt_logprobs=2,
+    )
 
     async def go():
         engine = await started(tiny_family)
@@ -324,10 +406,32 @@ def test_nan_in_one_row_fails_only_that_request(tiny_family):
     async def go():
         engine = await started(tiny_family)
         try:
-            good = asyncio.create_task(collect(engine, request(
-                tiny_family, "good", PROMPTS[0], {"helpful": 1}, max_tokens=6, ignore_eos=True)))
-            bad = asyncio.create_task(collect(engine, request(
-                tiny_family, "bad", "salt salt", {"helpful": 1}, max_tokens=6, ignore_eos=True)))
+            good = asyncio.create_task(
+                collect(
+                    engine,
+                    request(
+                        tiny_family,
+                        "good",
+                        PROMPTS[0],
+                        {"helpful": 1},
+                        max_tokens=6,
+                        ignore_eos=True,
+                    ),
+                )
+            )
+            bad = asyncio.create_task(
+                collect(
+                    engine,
+                    request(
+                        tiny_family,
+                        "bad",
+                        "salt salt",
+                        {"helpful": 1},
+                        max_tokens=6,
+                        ignore_eos=True,
+                    ),
+                )
+            )
             return await good, await bad
         finally:
             await engine.shutdown()
@@ -344,15 +448,39 @@ def test_min_tokens_and_stop_token_ids(tiny_family):
     async def go():
         engine = await started(tiny_family)
         try:
-            free = (await collect(engine, request(tiny_family, "a", PROMPTS[0], max_tokens=8,
-                                                  ignore_eos=True)))[0]
+            free = (
+                await collect(
+                    engine, request(tiny_family, "a", PROMPTS[0], max_tokens=8, ignore_eos=True)
+                )
+            )[0]
             stop_tok = free["tokens"][2]
-            stopped = (await collect(engine, request(tiny_family, "b", PROMPTS[0], max_tokens=8,
-                                                     ignore_eos=True,
-                                                     stop_token_ids=[stop_tok])))[0]
-            held = (await collect(engine, request(tiny_family, "c", PROMPTS[0], max_tokens=8,
-                                                  ignore_eos=True, stop_token_ids=[stop_tok],
-                                                  min_tokens=8)))[0]
+            stopped = (
+                await collect(
+                    engine,
+                    request(
+                        tiny_family,
+                        "b",
+                        PROMPTS[0],
+                        max_tokens=8,
+                        ignore_eos=True,
+                        stop_token_ids=[stop_tok],
+                    ),
+                )
+            )[0]
+            held = (
+                await collect(
+                    engine,
+                    request(
+                        tiny_family,
+                        "c",
+                        PROMPTS[0],
+                        max_tokens=8,
+                        ignore_eos=True,
+                        stop_token_ids=[stop_tok],
+                        min_tokens=8,
+                    ),
+                )
+            )[0]
             return free, stop_tok, stopped, held
         finally:
             await engine.shutdown()
@@ -407,11 +535,21 @@ def test_queue_bounds_do_not_leak_after_many_requests(tiny_family):
     async def go():
         engine = await started(tiny_family, max_batch_size=4)
         try:
-            await asyncio.gather(*[
-                collect(engine, request(tiny_family, f"r{i}", PROMPTS[i % 4],
-                                        {"helpful": (i % 3) / 2}, max_tokens=3))
-                for i in range(12)
-            ])
+            await asyncio.gather(
+                *[
+                    collect(
+                        engine,
+                        request(
+                            tiny_family,
+                            f"r{i}",
+                            PROMPTS[i % 4],
+                            {"helpful": (i % 3) / 2},
+                            max_tokens=3,
+                        ),
+                    )
+                    for i in range(12)
+                ]
+            )
             await asyncio.sleep(0.05)
             return engine.num_running, engine.num_waiting, engine._batches
         finally:
@@ -420,3 +558,22 @@ def test_queue_bounds_do_not_leak_after_many_requests(tiny_family):
     running, waiting, batches = run(go())
     assert (running, waiting) == (0, 0)
     assert all(b.size == 0 and b.nbytes() == 0 for b in batches.values())
+
+
+def test_bfloat16_family_runs_the_same_code_path(tiny_family_path):
+    family = load_family(tiny_family_path, dtype="bfloat16")
+    assert all(m.dtype == torch.bfloat16 for m in family.models.values())
+
+    async def go():
+        engine = await started(family)
+        try:
+            await engine.warmup()
+            return await collect(engine, request(family, "r", PROMPTS[0], {"helpful": 1.0},
+                                                 max_tokens=5, logprobs=1, ignore_eos=True))
+        finally:
+            await engine.shutdown()
+
+    out = run(go())[0]
+    assert len(out["tokens"]) == 5
+    # The combination itself is float32 whatever the models' dtype.
+    assert all(lp.logprob <= 0.0 for lp in out["lps"])
