@@ -135,6 +135,15 @@ class Engine:
     def num_waiting(self) -> int:
         return self._num_waiting
 
+    @property
+    def dead(self) -> str | None:
+        """Why the step loop is gone (crashed or shut down), or None while it can serve."""
+        if self._dead:
+            return self._dead
+        if self._stopping or (self._thread is not None and not self._thread.is_alive()):
+            return "the engine has stopped"
+        return None
+
     def start(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="eft-engine", daemon=True)
@@ -336,7 +345,7 @@ class Engine:
             self._merge(new_rows, on_device)
         self._deliver(events)
         self._report_finished(events, stats)
-        stats.num_running = len(self._rows)
+        stats.num_running = self._num_running
         stats.num_waiting = self._num_waiting
         stats.step_seconds = time.perf_counter() - t_start
         for name, batch in self._batches.items():
@@ -798,7 +807,7 @@ class Engine:
         if stats is not None:
             stats.finished += finished
         elif finished and self.on_step is not None:
-            self.on_step(StepStats(0, len(self._rows), self._num_waiting, finished=finished))
+            self.on_step(StepStats(0, self._num_running, self._num_waiting, finished=finished))
 
 
 def _put_all(items: list[tuple[asyncio.Queue, SequenceOutput]]) -> None:

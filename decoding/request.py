@@ -125,7 +125,7 @@ class StepStats:
     """
 
     batch_size: int  # rows that produced a token this step
-    num_running: int  # requests holding a batch slot after the step
+    num_running: int  # requests with rows in the batch after the step
     num_waiting: int  # requests queued for admission after the step
     prompt_tokens: int = 0  # prompt tokens prefilled this step (per request, longest model's)
     generated_tokens: int = 0

@@ -1,0 +1,178 @@
+"""`eft-serve`: load a family, start the engine, serve the OpenAI-compatible API (DESIGN §6).
+
+With no `--config` it serves the embedded demo family (`demo/family/family.yaml` inside the
+installed `demo` package) on 127.0.0.1:8000. SIGTERM/SIGINT: uvicorn stops accepting
+connections, in-flight requests get `--shutdown-timeout` seconds to finish, then the lifespan
+shuts the engine down (aborting what is left) and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("eft_serve")
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def default_config() -> Path:
+    """The demo family's YAML, located through the installed `demo` package (not the cwd)."""
+    import demo
+
+    return Path(demo.__file__).resolve().parent / "family" / "family.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="eft-serve",
+        description="OpenAI-compatible server for emulated fine-tuning: a large base model "
+        "steered per request by small fine-tuned experts (the `eft` knobs).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None,
+                   help="family YAML (DESIGN §3); default: the embedded demo family "
+                        "(demo/family/family.yaml of the installed package)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=os.environ.get("EFT_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize "
+                        "(default: env EFT_API_KEY; unset = no auth)")
+    p.add_argument("--device", default=None,
+                   help="override every model's device: cpu, cuda, cuda:N or auto "
+                        "(default: each model's own, else cuda when available)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="override every model's dtype (default: float32 on CPU, bfloat16 on GPU)")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="sequences decoded together in one step (n siblings count separately)")
+    p.add_argument("--max-waiting", type=int, default=128,
+                   help="requests queued for a batch slot; beyond it requests get 429")
+    p.add_argument("--max-prefill-tokens", type=int, default=None,
+                   help="prompt tokens prefilled per step (longer prompts are chunked)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads torch may use per operation (default: torch's own, one "
+                        "per core). 1 is much faster for small models on a shared machine")
+    p.add_argument("--allow-negative-weights", action="store_true",
+                   help="accept negative expert weights. They invert a fine-tuning (published "
+                        "as 'emulated disalignment', a way to strip safety training): only for "
+                        "research deployments")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated origins browsers may call from (CORS), e.g. "
+                        "'http://localhost:3000' or '*'; default: none")
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
+                   help="largest accepted request body; larger ones get 413")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
+    p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging verbosity")
+    return p
+
+
+def _server_class(on_drain: Callable[[], None]) -> type:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a captured SIGTERM/SIGINT after its graceful shutdown, so the
+        process would die of the signal (exit -15); a clean drain must exit 0 (DESIGN §6)."""
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True  # a second Ctrl-C stops waiting for in-flight requests
+            else:
+                log.info("received %s: draining in-flight requests",
+                         signal.Signals(sig).name)
+                on_drain()
+                self.should_exit = True
+
+    return Server
+
+
+def _fmt_params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.max_batch_size < 1 or args.max_waiting < 0 or (
+            args.threads is not None and args.threads < 1):
+        print("eft-serve: --max-batch-size and --threads must be >= 1, --max-waiting >= 0",
+              file=sys.stderr)
+        return 2
+
+    config = Path(args.config) if args.config else default_config()
+    if not config.is_file():
+        hint = ("the embedded demo family is not built into this install" if not args.config
+                else "no such file")
+        print(f"eft-serve: {config}: {hint}.\n"
+              "Pass a family YAML with --config FILE (DESIGN §3: name, models, base, reference, "
+              "experts, defaults), e.g. build a tiny random one with\n"
+              "  python -c \"from demo.random_family import build_random_family as b; "
+              "print(b('/tmp/tiny'))\"\n"
+              "  eft-serve --config /tmp/tiny/family.yaml", file=sys.stderr)
+        return 2
+
+    # Heavy imports after argument checks, so `--help` and config errors answer at once.
+    import uvicorn
+
+    from decoding.engine import Engine, EngineConfig
+    from decoding.family import FamilyError, load_family
+    from server.app import ServerSettings, create_app
+    from server.metrics import ServerMetrics
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        family = load_family(config, device=args.device, dtype=args.dtype)
+    except FamilyError as exc:
+        print(f"eft-serve: {exc}", file=sys.stderr)
+        return 2
+
+    metrics = ServerMetrics.for_family(family)
+    engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
+    if args.max_prefill_tokens:
+        engine_cfg.max_prefill_tokens = args.max_prefill_tokens
+    engine = Engine(family, engine_cfg, on_step=metrics.on_step)
+    engine.start()
+    settings = ServerSettings(api_key=args.api_key or None,
+                              allow_negative_weights=args.allow_negative_weights,
+                              max_body_bytes=args.max_body_bytes,
+                              cors_origins=[o.strip() for o in args.allowed_origins.split(",")
+                                            if o.strip()])
+    app = create_app(engine, family, settings, metrics=metrics)
+
+    cfg = family.config
+    log.info("family %r from %s: base=%s reference=%s experts=%s defaults=%s context=%d",
+             cfg.name, config, cfg.base, cfg.reference, ",".join(cfg.experts), cfg.defaults,
+             family.context_limit)
+    for name, m in family.models.items():
+        log.info("  model %-16s %8s params  %-8s %s", name, _fmt_params(m.num_params),
+                 str(m.dtype).removeprefix("torch."), m.input_device)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    log.info("serving on http://%s:%d  (models: %s)%s", host, args.port,
+             ", ".join([cfg.name, *(f"{cfg.name}/{m}" for m in family.models)]),
+             "  [API key required]" if settings.api_key else "")
+    if args.allow_negative_weights:
+        log.warning("negative expert weights are allowed (--allow-negative-weights)")
+
+    server = _server_class(app.state.begin_drain)(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
+        timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug",
+    ))
+    server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, lifespan shutdown
+    if not server.started:
+        return 1  # e.g. the port was taken; uvicorn has logged why
+    log.info("eft-serve stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Model ids and the `eft` knob object -> the engine's `Composition`.
+
+`/v1/models` lists the family id (the EFT composition) and `<family>/<model>` for every loaded
+model. Knobs are checked here against the family before the engine sees them, so each refusal
+names the exact parameter (`eft.helpful`); the engine's `make_composition` then applies the
+semantics (defaults only when no expert is named, unnamed experts weigh 0).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from decoding.composition import make_composition
+from decoding.request import Composition, RequestValidationError
+from server.errors import bad_request, not_found_model
+from server.protocol import KNOB_ALIASES
+
+FILTER_BOUNDS = {
+    # name: (low, low_inclusive, high, high_inclusive)
+    "base_top_p": (0.0, False, 1.0, True),
+    "plausibility": (0.0, True, 1.0, False),
+}
+
+
+def model_ids(family: Any) -> list[str]:
+    return [family.name, *(f"{family.name}/{m}" for m in family.models)]
+
+
+def resolve_model(family: Any, model_id: str) -> str | None:
+    """None for the EFT composition, else the single model's name; 404 for anything else."""
+    if model_id == family.name:
+        return None
+    prefix = f"{family.name}/"
+    if model_id.startswith(prefix) and model_id[len(prefix):] in family.models:
+        return model_id[len(prefix):]
+    raise not_found_model(model_id, model_ids(family))
+
+
+def normalise_knobs(family: Any, knobs: dict[str, float], allow_negative: bool) -> dict[str, float]:
+    cfg = family.config
+    experts = list(cfg.experts)
+    max_weight = float(getattr(cfg, "max_weight", 4.0))
+    out: dict[str, float] = {}
+    for key, value in knobs.items():
+        name = key
+        if key not in experts and KNOB_ALIASES.get(key) in experts:
+            name = KNOB_ALIASES[key]
+            if name in knobs:
+                raise bad_request(f"eft.{key} is an alias of eft.{name}; give only one of them",
+                                  param=f"eft.{key}")
+        param = f"eft.{key}"
+        if name in experts:
+            if value < 0 and not allow_negative:
+                raise bad_request(
+                    f"{param} must be >= 0: negative expert weights invert a fine-tuning and "
+                    "are refused unless the server runs with --allow-negative-weights",
+                    param=param)
+            if abs(value) > max_weight:
+                raise bad_request(f"{param} must be at most {max_weight:g} in magnitude",
+                                  param=param)
+        elif name in FILTER_BOUNDS:
+            lo, lo_inc, hi, hi_inc = FILTER_BOUNDS[name]
+            ok = (value >= lo if lo_inc else value > lo) and (value <= hi if hi_inc else value < hi)
+            if not ok:
+                interval = f"{'[' if lo_inc else '('}{lo:g}, {hi:g}{']' if hi_inc else ')'}"
+                raise bad_request(f"{param} must be in {interval}", param=param)
+        else:
+            valid = experts + [a for a, t in KNOB_ALIASES.items() if t in experts]
+            raise bad_request(
+                f"{param}: unknown knob; this family's knobs are {', '.join(valid)}, "
+                f"{', '.join(FILTER_BOUNDS)}", param=param)
+        out[name] = value
+    return out
+
+
+def build_composition(family: Any, model_id: str, knobs: dict[str, float] | None,
+                      allow_negative: bool) -> Composition:
+    model = resolve_model(family, model_id)
+    knobs = knobs or {}
+    if model is not None and knobs:
+        raise bad_request(
+            f"eft: knobs apply to the EFT composition `{family.name}`, not to the single model "
+            f"`{model_id}`", param="eft")
+    if model is None:
+        knobs = normalise_knobs(family, knobs, allow_negative)
+    try:
+        return make_composition(family, model=model, knobs=knobs, allow_negative=allow_negative)
+    except RequestValidationError as exc:
+        raise bad_request(exc.message, param=exc.param or "eft") from exc

@@ -1,0 +1,206 @@
+"""Prometheus collectors (DESIGN §5 names, prefix `eft_`, mirroring vLLM's).
+
+Two feeds:
+- the engine's `on_step(StepStats)` observer (engine thread): batch size, per-model forward time,
+  combine/sample/step time, token counters, KV-cache occupancy, speculative counters;
+- the HTTP layer (event loop): TTFT, inter-token and end-to-end latency, per-request sizes,
+  finish and failure reasons, knob usage.
+Running/waiting are read from the engine at scrape time, so they are exact even when the engine
+is idle and no step runs to report them (a cancelled request drops to 0 at once).
+
+Every label value comes from a finite set fixed at start (model names, experts, reasons), and
+all of them are initialised so each series exists from the first scrape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    gc_collector,
+    generate_latest,
+    platform_collector,
+    process_collector,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from decoding.request import StepStats
+
+FINISHED_REASONS = ("stop", "length")
+# validation: 400; not_found: unknown model (404); unauthorized: 401; too_large: body over the
+# limit (413); overloaded: queue full (429); aborted: client went away; unavailable: engine dead
+# or shutting down (503); error: the engine failed the sequence (e.g. NaN) or a server bug (500).
+FAILURE_REASONS = (
+    "validation", "not_found", "unauthorized", "too_large", "overloaded", "aborted",
+    "unavailable", "error",
+)
+
+# Engine-side timings: sub-millisecond resolution for a GPU step, up to seconds for a CPU one.
+STEP_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.075,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+)
+# vLLM's TTFT buckets, with finer steps at the low end for small models.
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+ITL_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)
+E2E_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0,
+    50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class ServerMetrics:
+    """All collectors of one server, in a registry of their own (tests build several apps)."""
+
+    def __init__(self, model_names: list[str], experts: list[str],
+                 roles: dict[str, str] | None = None):
+        self.registry = r = CollectorRegistry(auto_describe=True)
+        # Process / GC / platform, as the default registry has them (dashboards expect
+        # process_resident_memory_bytes and friends).
+        process_collector.ProcessCollector(registry=r)
+        gc_collector.GCCollector(registry=r)
+        platform_collector.PlatformCollector(registry=r)
+        self.model_names = list(model_names)
+        self.experts = list(experts)
+
+        self.num_running = Gauge("eft_num_requests_running",
+                                 "Requests holding a batch slot.", registry=r)
+        self.num_waiting = Gauge("eft_num_requests_waiting",
+                                 "Requests queued for a batch slot.", registry=r)
+        self.request_success = Counter(
+            "eft_request_success", "Finished sequences by finish reason (one per choice).",
+            ["finished_reason"], registry=r)
+        self.request_failure = Counter(
+            "eft_request_failure", "Failed or refused HTTP requests by reason.",
+            ["reason"], registry=r)
+        self.prompt_tokens = Counter("eft_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter(
+            "eft_generation_tokens", "Tokens generated (also for clients that have gone).",
+            registry=r)
+        self.ttft = Histogram("eft_time_to_first_token_seconds",
+                              "Request arrival to its first generated token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("eft_inter_token_latency_seconds",
+                             "Time between consecutive tokens of one sequence.",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram("eft_e2e_request_latency_seconds",
+                             "Request arrival to its last token.", buckets=E2E_BUCKETS,
+                             registry=r)
+        self.request_prompt_tokens = Histogram(
+            "eft_request_prompt_tokens", "Prompt length per request (longest model's).",
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.request_generation_tokens = Histogram(
+            "eft_request_generation_tokens", "Generated tokens per request (all choices).",
+            buckets=TOKEN_BUCKETS, registry=r)
+        self.batch_size = Histogram("eft_batch_size", "Rows per engine step.",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.model_forward = Histogram("eft_model_forward_seconds",
+                                       "Forward time of one model in one step.", ["model"],
+                                       buckets=STEP_BUCKETS, registry=r)
+        self.combine = Histogram("eft_combine_seconds",
+                                 "Time to combine the models' log-probs in one step.",
+                                 buckets=STEP_BUCKETS, registry=r)
+        self.sample = Histogram("eft_sample_seconds", "Time to sample one step's tokens.",
+                                buckets=STEP_BUCKETS, registry=r)
+        self.step = Histogram("eft_step_seconds", "Wall time of one engine step.",
+                              buckets=STEP_BUCKETS, registry=r)
+        self.kv_tokens = Gauge("eft_kv_cache_tokens", "KV-cache positions in use per model.",
+                               ["model"], registry=r)
+        self.kv_bytes = Gauge("eft_kv_cache_bytes", "KV-cache bytes allocated per model.",
+                              ["model"], registry=r)
+        self.spec_draft = Counter("eft_spec_decode_draft_tokens",
+                                  "Tokens drafted by the expert mixture.", registry=r)
+        self.spec_accepted = Counter("eft_spec_decode_accepted_tokens",
+                                     "Drafted tokens the base accepted.", registry=r)
+        self.knob_requests = Counter(
+            "eft_knob_requests", "Requests that applied an expert with weight > 0.", ["expert"],
+            registry=r)
+        self.model_info = Gauge("eft_model_info", "Loaded models (value 1) and their role.",
+                                ["model", "role"], registry=r)
+        self.ready = Gauge("eft_ready", "1 once the engine has warmed up.", registry=r)
+
+        for reason in FINISHED_REASONS:
+            self.request_success.labels(finished_reason=reason)
+        for reason in FAILURE_REASONS:
+            self.request_failure.labels(reason=reason)
+        for m in self.model_names:
+            self.model_forward.labels(model=m)
+            self.kv_tokens.labels(model=m)
+            self.kv_bytes.labels(model=m)
+            self.model_info.labels(model=m, role=(roles or {}).get(m, "model")).set(1)
+        for e in self.experts:
+            self.knob_requests.labels(expert=e)
+
+    @classmethod
+    def for_family(cls, family: Any) -> ServerMetrics:
+        cfg = family.config
+        roles = {cfg.base: "base", cfg.reference: "reference", **{e: "expert" for e in cfg.experts}}
+        return cls(list(family.models), list(cfg.experts), roles)
+
+    def bind_engine(self, num_running: Callable[[], float], num_waiting: Callable[[], float],
+                    ready: Callable[[], bool]) -> None:
+        """Read the queue gauges live at scrape time instead of from the last step."""
+        self.num_running.set_function(lambda: float(num_running()))
+        self.num_waiting.set_function(lambda: float(num_waiting()))
+        self.ready.set_function(lambda: 1.0 if ready() else 0.0)
+
+    # ------------------------------------------------------------ engine feed (engine thread)
+    def on_step(self, s: StepStats) -> None:
+        """The engine's step observer. Cheap: a handful of lock-protected float additions."""
+        if s.batch_size:
+            self.batch_size.observe(s.batch_size)
+        if s.prompt_tokens:
+            self.prompt_tokens.inc(s.prompt_tokens)
+        if s.generated_tokens:
+            self.generation_tokens.inc(s.generated_tokens)
+        if s.step_seconds:
+            self.step.observe(s.step_seconds)
+        if s.combine_seconds:
+            self.combine.observe(s.combine_seconds)
+        if s.sample_seconds:
+            self.sample.observe(s.sample_seconds)
+        for model, sec in s.forward_seconds.items():
+            if model in self.model_names:  # never create a label value we did not expect
+                self.model_forward.labels(model=model).observe(sec)
+        for model, n in s.kv_cache_tokens.items():
+            if model in self.model_names:
+                self.kv_tokens.labels(model=model).set(n)
+        for model, n in s.kv_cache_bytes.items():
+            if model in self.model_names:
+                self.kv_bytes.labels(model=model).set(n)
+        # Speculative counters: StepStats may grow these fields; read them if present.
+        draft = getattr(s, "draft_tokens", 0) or getattr(s, "spec_draft_tokens", 0)
+        accepted = getattr(s, "accepted_tokens", 0) or getattr(s, "spec_accepted_tokens", 0)
+        if draft:
+            self.spec_draft.inc(draft)
+        if accepted:
+            self.spec_accepted.inc(accepted)
+
+    # ------------------------------------------------------------ HTTP feed (event loop)
+    def failure(self, reason: str) -> None:
+        self.request_failure.labels(reason=reason if reason in FAILURE_REASONS else "error").inc()
+
+    def finished(self, reason: str | None) -> None:
+        if reason in FINISHED_REASONS:
+            self.request_success.labels(finished_reason=reason).inc()
+
+    def knobs_used(self, coeffs: dict[str, float]) -> None:
+        for e in self.experts:
+            if coeffs.get(e, 0.0) > 0:
+                self.knob_requests.labels(expert=e).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
