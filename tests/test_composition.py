@@ -66,8 +66,13 @@ def test_reference_minus_inf_cannot_become_plus_inf():
     lp = log_probs(logits, 3)
     assert torch.isfinite(lp).all()
     idx = torch.tensor([0])
-    out = combine(1, [(idx, torch.tensor([1.0]), log_probs(torch.zeros(1, 3), 3)),
-                      (idx, torch.tensor([-1.0]), lp)])
+    out = combine(
+        1,
+        [
+            (idx, torch.tensor([1.0]), log_probs(torch.zeros(1, 3), 3)),
+            (idx, torch.tensor([-1.0]), lp),
+        ],
+    )
     assert torch.isfinite(out).all()
     assert out[0, 2] < out[0, 0] - 100 or out[0, 2] > out[0, 0]  # finite either way, never NaN
 
