@@ -160,18 +160,12 @@ class ServerMetrics:
     # ------------------------------------------------------------ engine feed (engine thread)
     def on_step(self, s: StepStats) -> None:
         """The engine's step observer. Cheap: a handful of lock-protected float additions."""
-        if s.batch_size:
-            self.batch_size.observe(s.batch_size)
-        if s.prompt_tokens:
-            self.prompt_tokens.inc(s.prompt_tokens)
-        if s.generated_tokens:
-            self.generation_tokens.inc(s.generated_tokens)
-        if s.step_seconds:
-            self.step.observe(s.step_seconds)
-        if s.combine_seconds:
-            self.combine.observe(s.combine_seconds)
-        if s.sample_seconds:
-            self.sample.observe(s.sample_seconds)
+        _record_nonzero((self.batch_size.observe, s.batch_size),
+                        (self.prompt_tokens.inc, s.prompt_tokens),
+                        (self.generation_tokens.inc, s.generated_tokens),
+                        (self.step.observe, s.step_seconds),
+                        (self.combine.observe, s.combine_seconds),
+                        (self.sample.observe, s.sample_seconds))
         for model, sec in s.forward_seconds.items():
             if model in self.model_names:  # never create a label value we did not expect
                 self.model_forward.labels(model=model).observe(sec)
@@ -184,10 +178,7 @@ class ServerMetrics:
         # Speculative counters: StepStats may grow these fields; read them if present.
         draft = getattr(s, "draft_tokens", 0) or getattr(s, "spec_draft_tokens", 0)
         accepted = getattr(s, "accepted_tokens", 0) or getattr(s, "spec_accepted_tokens", 0)
-        if draft:
-            self.spec_draft.inc(draft)
-        if accepted:
-            self.spec_accepted.inc(accepted)
+        _record_nonzero((self.spec_draft.inc, draft), (self.spec_accepted.inc, accepted))
 
     # ------------------------------------------------------------ HTTP feed (event loop)
     def failure(self, reason: str) -> None:
@@ -204,3 +195,10 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def _record_nonzero(*pairs: tuple[Callable[[float], None], float]) -> None:
+    """Record each value that is not 0: a zero means the step did none of that work."""
+    for record, value in pairs:
+        if value:
+            record(value)

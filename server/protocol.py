@@ -260,24 +260,31 @@ def _now() -> int:
     return int(time.time())
 
 
-class CompletionResponse(BaseModel):
+class _ResponseBase(BaseModel):
+    """What a completion or chat response and each of their stream chunks carry.
+
+    Subclasses narrow `object` and `choices` (and make `usage` required off the stream); a
+    field a subclass redeclares keeps its place here, so the JSON keys keep OpenAI's order.
+    """
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
+    object: str
     created: int = Field(default_factory=_now)
     model: str
+    choices: list[Any]
+    usage: UsageInfo | None = None  # in a stream: the last chunk's, with include_usage
+    eft: dict[str, float] | None = None
+
+
+class CompletionResponse(_ResponseBase):
+    object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: UsageInfo
-    eft: dict[str, float] | None = None
 
 
-class CompletionStreamResponse(BaseModel):
-    id: str
+class CompletionStreamResponse(_ResponseBase):
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-    eft: dict[str, float] | None = None
 
 
 class TopLogprob(BaseModel):
@@ -307,14 +314,10 @@ class ChatChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_ResponseBase):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChatChoice]
     usage: UsageInfo
-    eft: dict[str, float] | None = None
 
 
 class DeltaMessage(BaseModel):
@@ -330,14 +333,9 @@ class ChatStreamChoice(BaseModel):
     stop_reason: str | int | None = None
 
 
-class ChatCompletionStreamResponse(BaseModel):
-    id: str
+class ChatCompletionStreamResponse(_ResponseBase):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int = Field(default_factory=_now)
-    model: str
     choices: list[ChatStreamChoice]
-    usage: UsageInfo | None = None
-    eft: dict[str, float] | None = None
 
 
 class ModelCard(BaseModel):

@@ -36,3 +36,54 @@ def tiny_family(tiny_family_path):
     from decoding.family import load_family
 
     return load_family(tiny_family_path)
+
+
+# ------------------------------------------------------------------ the in-process HTTP server
+
+
+@pytest.fixture(scope="module")
+def anyio_backend():
+    # Module scope, so module-scoped async fixtures (one engine per module) can use it.
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    # Tiny models on a shared CPU: one intra-op thread is several times faster than many.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """`async with serve_app(family, engine_config, settings) as s:` a started, warmed-up engine
+    behind `create_app`, and an httpx client on it (in process); `s` has client, app, engine,
+    family, metrics. The engine is shut down on exit."""
+    from contextlib import asynccontextmanager
+    from types import SimpleNamespace
+
+    import httpx
+
+    from decoding.engine import Engine
+    from server.app import create_app
+    from server.metrics import ServerMetrics
+
+    @asynccontextmanager
+    async def serve(family, engine_config, settings):
+        metrics = ServerMetrics.for_family(family)
+        engine = Engine(family, engine_config, on_step=metrics.on_step)
+        engine.start()
+        await engine.warmup()
+        app = create_app(engine, family, settings, metrics=metrics)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test",
+                                     timeout=60) as client:
+            yield SimpleNamespace(client=client, app=app, engine=engine, family=family,
+                                  metrics=metrics)
+        await engine.shutdown()
+
+    return serve

@@ -8,46 +8,21 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
-import httpx
 import pytest
-import torch
 
-from decoding.engine import Engine, EngineConfig
-from server.app import ServerSettings, create_app
-from server.metrics import ServerMetrics
+from decoding.engine import EngineConfig
+from server.app import ServerSettings
 from server.tokens import TokenText
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models on a shared CPU: one intra-op thread is several times faster than many.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-async def api(tiny_family):
-    metrics = ServerMetrics.for_family(tiny_family)
-    engine = Engine(tiny_family, EngineConfig(max_batch_size=16, max_waiting=32),
-                    on_step=metrics.on_step)
-    engine.start()
-    await engine.warmup()
-    app = create_app(engine, tiny_family, ServerSettings(), metrics=metrics)
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
-        yield SimpleNamespace(client=c, engine=engine, family=tiny_family, metrics=metrics)
-    await engine.shutdown()
+async def api(tiny_family, serve_app):
+    async with serve_app(tiny_family, EngineConfig(max_batch_size=16, max_waiting=32),
+                         ServerSettings()) as s:
+        yield s
 
 
 def sse(text: str) -> list[dict]:

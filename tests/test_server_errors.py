@@ -5,34 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-from types import SimpleNamespace
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from decoding.engine import Engine, EngineConfig
 from server.app import ServerSettings, create_app
 from server.metrics import ServerMetrics
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("one_torch_thread")]
 
 KEY = "s3cret-key"
-
-
-@pytest.fixture(scope="module")
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models on a shared CPU: one intra-op thread is several times faster than many.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def client_for(app) -> httpx.AsyncClient:
@@ -41,18 +25,10 @@ def client_for(app) -> httpx.AsyncClient:
 
 
 @pytest.fixture(scope="module")
-async def srv(tiny_family):
-    metrics = ServerMetrics.for_family(tiny_family)
-    engine = Engine(tiny_family, EngineConfig(max_batch_size=8, max_waiting=8),
-                    on_step=metrics.on_step)
-    engine.start()
-    await engine.warmup()
-    app = create_app(engine, tiny_family, ServerSettings(max_body_bytes=64 * 1024),
-                     metrics=metrics)
-    async with client_for(app) as c:
-        yield SimpleNamespace(client=c, app=app, engine=engine, family=tiny_family,
-                              metrics=metrics)
-    await engine.shutdown()
+async def srv(tiny_family, serve_app):
+    async with serve_app(tiny_family, EngineConfig(max_batch_size=8, max_waiting=8),
+                         ServerSettings(max_body_bytes=64 * 1024)) as s:
+        yield s
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = None,
