@@ -719,8 +719,8 @@ class Engine:
             for name, batch in self._new_batches.items():
                 batch.select(self._new_src[name])  # one row per sibling
                 self._batches[name].extend(batch)
+            # `_rebuild` already ran for exactly these rows this step: the tensors stay valid.
             self._rows = self._rows + new_rows
-            self._dirty = True
         self._last_tokens = tokens.clamp_min(0)
         keep = [i for i, s in enumerate(self._rows) if not s.finished]
         if len(keep) != len(self._rows):
