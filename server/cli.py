@@ -130,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    # The startup log lists every model; transformers' per-file progress bars add noise.
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     try:
         family = load_family(config, device=args.device, dtype=args.dtype)
     except FamilyError as exc:
