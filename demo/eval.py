@@ -18,11 +18,7 @@ import argparse
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +27,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from server.process import ServerProcess
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "family" / "family.yaml"
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -116,69 +114,6 @@ def _mean(xs: list[bool]) -> float:
 
 
 # ---------------------------------------------------------------- the HTTP side
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`eft-serve --config CONFIG --port P` as a subprocess, until the context exits."""
-
-    def __init__(self, config: Path, timeout: float = 600.0, threads: int | None = 1):
-        self.config, self.timeout, self.threads = config, timeout, threads
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        cmd = [
-            "eft-serve",
-            "--config",
-            str(self.config),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        if self.threads:
-            # One intra-op thread is the fastest for these tiny models on a shared CPU.
-            cmd += ["--threads", str(self.threads)]
-        print(f"starting {' '.join(cmd)}", file=sys.stderr)
-        # The server's log goes to a file, not a pipe: an unread pipe fills up and blocks it.
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="eft-serve-", suffix=".log")
-        self.proc = subprocess.Popen(
-            cmd,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                err = self.log.read()
-                raise RuntimeError(f"eft-serve exited with {self.proc.returncode}:\n{err[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.__exit__()
-        raise RuntimeError(f"eft-serve not ready after {self.timeout:.0f}s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.log.close()
 
 
 class Client:
@@ -353,7 +288,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.url:
         result = go(args.url)
     else:
-        with Server(config, threads=args.server_threads) as server:
+        # One intra-op thread is the fastest for these tiny models on a shared CPU.
+        threads = ["--threads", str(args.server_threads)] if args.server_threads else []
+        with ServerProcess(config, *threads, ready_timeout=600) as server:
+            print(f"started {' '.join(server.cmd)}", file=sys.stderr)
             result = go(server.url)
     print(table(result))
     print(

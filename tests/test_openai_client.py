@@ -7,12 +7,7 @@ tiny queue (so that 429 is reachable), and the last test stops it with SIGTERM m
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,50 +17,20 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.process import ServerProcess
+
 KEY = "test-key-123"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(ServerProcess):
+    """The server under test, with the limits the 429 and disconnect tests rely on."""
 
-
-def _eft_serve() -> list[str]:
-    script = Path(sys.executable).with_name("eft-serve")
-    found = str(script) if script.exists() else shutil.which("eft-serve")
-    return [found] if found else [sys.executable, "-m", "server.cli"]
-
-
-class Server:
     def __init__(self, family_yaml: Path, log_path: Path):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w+")  # noqa: SIM115 - closed in stop()
-        cmd = [*_eft_serve(), "--config", str(family_yaml), "--host", "127.0.0.1",
-               "--port", str(self.port), "--api-key", KEY, "--max-batch-size", "4",
-               "--max-waiting", "2", "--shutdown-timeout", "20", "--log-level", "info",
-               "--threads", "1"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-
-    def wait_ready(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        pytest.fail(f"eft-serve did not become ready:\n{self.output()[-3000:]}")
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
+        super().__init__(
+            family_yaml, "--api-key", KEY, "--max-batch-size", "4", "--max-waiting", "2",
+            "--shutdown-timeout", "20", "--log-level", "info", "--threads", "1",
+            log_path=log_path, ready_timeout=90,
+        )
 
     def metric(self, name: str, **labels: str) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=5).text
@@ -75,21 +40,11 @@ class Server:
                     return s.value
         raise KeyError(name)
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.log.close()
-
 
 @pytest.fixture(scope="module")
 def server(tiny_family_path, tmp_path_factory):
-    srv = Server(tiny_family_path, tmp_path_factory.mktemp("eft-serve") / "server.log")
-    try:
-        srv.wait_ready()
+    with Server(tiny_family_path, tmp_path_factory.mktemp("eft-serve") / "server.log") as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

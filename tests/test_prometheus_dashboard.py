@@ -18,9 +18,7 @@ import math
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -29,6 +27,8 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
+from server.process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy/grafana/dashboards/eft-serve.json"
@@ -62,19 +62,6 @@ pytestmark = [
                        reason="the prometheus binary is absent (apt-get install -y prometheus)"),
     pytest.mark.timeout(120),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eft_serve_command() -> list[str]:
-    script = Path(sys.executable).with_name("eft-serve")
-    found = str(script) if script.exists() else shutil.which("eft-serve")
-    assert found, "the eft-serve console script is not installed (pip install -e .)"
-    return [found]
 
 
 @contextmanager
@@ -204,9 +191,11 @@ def send_traffic(base: str, family: str) -> None:
 
 def test_every_dashboard_panel_returns_data(tiny_family_path, tmp_path):
     family = yaml.safe_load(Path(tiny_family_path).read_text())["name"]
-    port, prom_port = free_port(), free_port()
-    base = f"http://127.0.0.1:{port}"
-    server_log, prom_log = tmp_path / "eft-serve.log", tmp_path / "prometheus.log"
+    prom_port = free_port()
+    prom_log = tmp_path / "prometheus.log"
+    server = ServerProcess(tiny_family_path, "--threads", "1", log_path=tmp_path / "eft-serve.log",
+                           ready_timeout=50)
+    port, base = server.port, server.url
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         # the shipped alert rules, to see that each evaluates against the real series
@@ -216,9 +205,7 @@ def test_every_dashboard_panel_returns_data(tiny_family_path, tmp_path):
     }))
     started = time.time()
     with ExitStack() as stack:
-        server = stack.enter_context(running(
-            [*eft_serve_command(), "--config", str(tiny_family_path), "--port", str(port)],
-            server_log))
+        stack.enter_context(server)  # returns once /ready answers
         prom_proc = stack.enter_context(running(
             [PROMETHEUS, f"--config.file={tmp_path / 'prometheus.yml'}",
              f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -226,8 +213,6 @@ def test_every_dashboard_panel_returns_data(tiny_family_path, tmp_path):
         prom = Prom(f"http://127.0.0.1:{prom_port}")
         wait_for("prometheus ready", lambda: prom.http.get("/-/ready").status_code == 200,
                  prom_proc, prom_log, timeout=20)
-        wait_for("eft-serve /ready", lambda: httpx.get(f"{base}/ready").status_code == 200,
-                 server, server_log, timeout=50)
         # One scrape before any traffic, so every counter has a zero to rate() from.
         wait_for("a first scrape", lambda: finite_values(prom.query('up{job="eft-serve"} == 1')),
                  prom_proc, prom_log, timeout=10)

@@ -1,0 +1,317 @@
+"""The bench's results: ratios and targets from the raw measurements, and the printed table."""
+
+from __future__ import annotations
+
+from loadtest.naive import NaiveResult
+from loadtest.runner import LoadRun
+
+TARGETS = {  # issue 6
+    "batched_vs_sequential": (">=", 6.0),
+    "eft_vs_ideal": (">=", 0.8),
+    "itl_p99_over_p50_c16": ("<=", 3.0),
+    "rss_growth": ("<=", 1.05),
+}
+
+
+def level_row(run: LoadRun) -> dict:
+    s = run.summary()
+    return {
+        "output_token_throughput": s["output_token_throughput"],
+        "request_throughput": s["request_throughput"],
+        "itl_p50_ms": s["itl_ms"]["p50"],
+        "itl_p99_ms": s["itl_ms"]["p99"],
+        "ttft_p50_ms": s["ttft_ms"]["p50"],
+        "ttft_p99_ms": s["ttft_ms"]["p99"],
+        "e2e_p50_ms": s["e2e_ms"]["p50"],
+        "completed": s["completed"],
+        "errors": s["errors"],
+    }
+
+
+def div(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is 0 (a phase that produced nothing)."""
+    return None if a is None or not b else a / b
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def compose(
+    naive_runs: list[NaiveResult],
+    costs: dict[str, float],
+    srv: dict,
+    levels: tuple[int, ...],
+    costs_b1: dict[str, float] | None = None,
+) -> dict:
+    """The JSON result from the raw measurements."""
+    runs: dict[str, LoadRun] = srv["runs"]
+    all_tput = {k: r.summary()["output_token_throughput"] for k, r in runs.items()}
+    # Repeated phases (`eft_c16`, `eft_c16_r1`, ...) count with their best run.
+    best: dict[str, str] = {}
+    for key, value in all_tput.items():
+        kind = key.split("_r")[0]
+        if kind not in best or value > all_tput[best[kind]]:
+            best[kind] = key
+    runs = {kind: runs[key] for kind, key in best.items()}
+    tput = {kind: all_tput[key] for kind, key in best.items()}
+    naive = max(naive_runs, key=lambda n: n.output_token_throughput)
+    coeff_models = naive.models  # the models the EFT composition runs, base first
+    res: dict = {}
+    c16 = tput.get("eft_c16", 0.0)
+    res["batched_vs_sequential"] = div(c16, naive.output_token_throughput)
+    res["batched"] = {
+        "naive_output_token_throughput": naive.output_token_throughput,
+        "naive_requests": naive.requests,
+        "naive_runs_output_token_throughput": [n.output_token_throughput for n in naive_runs],
+        "naive_models": naive.models,
+        "server_output_token_throughput": {
+            str(c): tput[f"eft_c{c}"] for c in (1, 4, 16) if f"eft_c{c}" in tput
+        },
+    }
+    res["eft_vs_base"] = div(c16, tput.get("base_c16"))
+    large = naive.models[0]
+    ideal = div(costs[large], sum(costs[m] for m in coeff_models))
+    res["ideal_ratio"] = ideal
+    res["eft_vs_ideal"] = div(res["eft_vs_base"], ideal)
+    res["forward_cost_ms"] = {m: 1000 * v for m, v in costs.items()}
+    if costs_b1:
+        # What batching can gain at most on this machine: 16 one-row steps of the models the
+        # composition runs vs one 16-row step. A compute-bound CPU caps batched_vs_sequential.
+        res["forward_cost_ms_batch1"] = {m: 1000 * v for m, v in costs_b1.items()}
+        res["batching_ceiling_c16"] = div(
+            16 * sum(costs_b1[m] for m in coeff_models), sum(costs[m] for m in coeff_models)
+        )
+    fm = srv.get("forward_from_metrics") or {}
+    if fm and large in fm and all(m in fm for m in coeff_models):
+        ideal_m = div(fm[large][0], sum(fm[m][0] for m in coeff_models))
+        res["ideal_ratio_from_metrics"] = ideal_m
+        res["eft_vs_ideal_from_metrics"] = div(res["eft_vs_base"], ideal_m)
+        res["forward_ms_from_metrics"] = {m: 1000 * v[0] for m, v in fm.items()}
+    res["c16_runs_output_token_throughput"] = {
+        k: v for k, v in all_tput.items() if k.startswith(("eft_c16", "base_c16"))
+    }
+    res["loadavg_1min_per_phase"] = srv["loadavg"]
+    res["eft_tokens_per_s_c16"] = c16
+    res["base_tokens_per_s_c16"] = tput.get("base_c16")
+    res["eft_mixed_tokens_per_s_c16"] = tput.get("eft_mixed_c16")
+    res["scaling"] = {str(c): level_row(runs[f"eft_c{c}"]) for c in levels}
+    res["base_c16"] = level_row(runs["base_c16"])
+    res["eft_mixed_c16"] = level_row(runs["eft_mixed_c16"])
+    res["rss_growth"] = div(srv["rss_after_1000"], srv["rss_after_100"])
+    res["memory"] = {
+        "rss_idle_bytes": srv["rss_idle_bytes"],
+        "peak_rss_bytes": srv["peak_rss_bytes"],
+        "kv_bytes_at_peak": srv["kv_bytes_at_peak"],
+        "kv_bytes_start": srv["kv_bytes_start"],
+        "kv_bytes_idle": srv["kv_bytes_idle"],
+        "kv_bytes_idle_after_rss": srv["kv_bytes_idle_after_rss"],
+        "rss_after_100": srv["rss_after_100"],
+        "rss_after_1000": srv["rss_after_1000"],
+        "rss_requests_completed": srv["rss_requests"],
+    }
+    s16 = res["scaling"].get("16")
+    res["itl_p99_over_p50_c16"] = div(s16["itl_p99_ms"], s16["itl_p50_ms"]) if s16 else None
+    res["targets"] = {}
+    for key, (op, bound) in TARGETS.items():
+        value = res.get(key)
+        met = value is not None and (value >= bound if op == ">=" else value <= bound)
+        res["targets"][key] = {"value": value, "target": f"{op} {bound}", "met": met}
+    # KV memory returns to its idle size once load stops (issue 6).
+    start = sum(srv["kv_bytes_start"].values())
+    idle = sum(srv["kv_bytes_idle_after_rss"].values())
+    res["targets"]["kv_idle_bytes"] = {
+        "value": idle,
+        "target": f"<= {start:.0f} (before load)",
+        "met": idle <= start,
+    }
+    return res
+
+
+def mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def format_table(res: dict) -> str:
+    b = res["batched"]
+    lines = [
+        f"{' eft-serve benchmarks (' + res['plan'] + ') ':=^78}",
+        f"machine: {res['machine']['label']}",
+        f"family: {res['family']['summary']}",
+        "",
+    ]
+
+    def row(label: str, value: str, note: str = "") -> None:
+        lines.append(f"  {label:<48}{value:>14}  {note}")
+
+    row(
+        "naive HF generate + EFT LogitsProcessor",
+        f"{b['naive_output_token_throughput']:.1f}",
+        "tok/s, one request at a time",
+    )
+    for c, v in b["server_output_token_throughput"].items():
+        row(f"eft-serve EFT, concurrency {c}", f"{v:.1f}", "tok/s")
+    t = res["targets"]
+
+    def mark(key: str) -> str:
+        return f"target {t[key]['target']}: {'met' if t[key]['met'] else 'MISSED'}"
+
+    if res.get("batching_ceiling_c16") is not None:
+        row(
+            "batching ceiling: 16 x step(1 row) / step(16)",
+            fmt(res["batching_ceiling_c16"], ".2f") + "x",
+            "direct forward timings",
+        )
+    row(
+        "batched_vs_sequential (c=16 / naive)",
+        fmt(res["batched_vs_sequential"], ".2f") + "x",
+        mark("batched_vs_sequential"),
+    )
+    row(
+        "large-base alone through the server, c=16",
+        fmt(res["base_tokens_per_s_c16"], ".1f"),
+        "tok/s",
+    )
+    row(
+        "EFT mixed knobs (all 4 models), c=16",
+        fmt(res["eft_mixed_tokens_per_s_c16"], ".1f"),
+        "tok/s",
+    )
+    row("eft_vs_base (EFT / large-base, c=16)", fmt(res["eft_vs_base"], ".3f"))
+    row(
+        "ideal ratio cost(L)/(cost(L)+sum small)",
+        fmt(res["ideal_ratio"], ".3f"),
+        "direct forward timings, batch 16",
+    )
+    row("eft_vs_ideal", fmt(res["eft_vs_ideal"], ".3f"), mark("eft_vs_ideal"))
+    if "eft_vs_ideal_from_metrics" in res:
+        row(
+            "eft_vs_ideal (costs from /metrics)",
+            fmt(res["eft_vs_ideal_from_metrics"], ".3f"),
+            "ideal " + fmt(res["ideal_ratio_from_metrics"], ".3f"),
+        )
+    lines += [
+        "",
+        f"  {'concurrency':>11} {'tok/s':>9} {'ITL p50 ms':>11} {'ITL p99 ms':>11} "
+        f"{'p99/p50':>8} {'TTFT p50 ms':>12} {'errors':>7}",
+    ]
+    for c, r in res["scaling"].items():
+        ratio = div(r["itl_p99_ms"], r["itl_p50_ms"])
+        lines.append(
+            f"  {c:>11} {r['output_token_throughput']:>9.1f} {r['itl_p50_ms']:>11.1f} "
+            f"{r['itl_p99_ms']:>11.1f} {fmt(ratio, '.2f'):>8} {r['ttft_p50_ms']:>12.1f} "
+            f"{r['errors']:>7}"
+        )
+    if res["itl_p99_over_p50_c16"] is not None:
+        row(
+            "ITL p99 / p50 at c=16",
+            fmt(res["itl_p99_over_p50_c16"], ".2f"),
+            mark("itl_p99_over_p50_c16"),
+        )
+    m = res["memory"]
+    lines.append("")
+    row("server RSS idle", mib(m["rss_idle_bytes"]))
+    for phase, v in m["peak_rss_bytes"].items():
+        row(f"peak RSS {phase}", mib(v))
+    peak_phase = max(
+        m["kv_bytes_at_peak"], key=lambda p: sum(m["kv_bytes_at_peak"][p].values()), default=None
+    )
+    if peak_phase:
+        for model, v in m["kv_bytes_at_peak"][peak_phase].items():
+            row(f"KV bytes at peak ({peak_phase}) {model}", mib(v))
+    row("KV bytes before load (all models)", mib(sum(m["kv_bytes_start"].values())))
+    row("KV bytes idle after load (all models)", mib(sum(m["kv_bytes_idle"].values())))
+    row(
+        "KV bytes idle after the leak check",
+        mib(sum(m["kv_bytes_idle_after_rss"].values())),
+        mark("kv_idle_bytes"),
+    )
+    row(
+        f"RSS after 100 / {m['rss_requests_completed']} requests",
+        f"{mib(m['rss_after_100'])} / {mib(m['rss_after_1000'])}",
+    )
+    row("rss_growth", fmt(res["rss_growth"], ".3f"), mark("rss_growth"))
+    loads = ", ".join(f"{k} {v:.1f}" for k, v in res["loadavg_1min_per_phase"].items())
+    lines += [
+        "",
+        f"1-min load average at the end of each phase (2 cores; above 2 = other work): {loads}",
+        f"total bench time {res['bench_seconds']:.0f} s",
+        "reproduce: " + res["command"],
+    ]
+    return "\n".join(lines)
+
+
+def format_markdown(res: dict) -> str:
+    """The headline figures as a Markdown table, for the README's Performance section."""
+    b, t = res["batched"], res["targets"]
+
+    def met(key: str) -> str:
+        return f"{t[key]['target']} ({'met' if t[key]['met'] else 'missed'})"
+
+    rows = [
+        (
+            "naive HF `generate` + EFT `LogitsProcessor`, one request at a time",
+            fmt(b["naive_output_token_throughput"], ".2f") + " tok/s",
+            "",
+        ),
+        *[
+            (f"eft-serve EFT, concurrency {c}", f"{v:.2f} tok/s", "")
+            for c, v in b["server_output_token_throughput"].items()
+        ],
+        (
+            "batching ceiling: 16 × step(1 row) ÷ step(16 rows), models timed directly",
+            fmt(res.get("batching_ceiling_c16"), ".2f") + "x",
+            "",
+        ),
+        (
+            "`batched_vs_sequential` (c=16 ÷ naive)",
+            fmt(res["batched_vs_sequential"], ".2f") + "x",
+            met("batched_vs_sequential"),
+        ),
+        (
+            "large base alone through the server, c=16",
+            fmt(res["base_tokens_per_s_c16"], ".2f") + " tok/s",
+            "",
+        ),
+        (
+            "EFT with mixed knobs (all four models), c=16",
+            fmt(res["eft_mixed_tokens_per_s_c16"], ".2f") + " tok/s",
+            "",
+        ),
+        ("`eft_vs_base` (EFT ÷ large base, c=16)", fmt(res["eft_vs_base"], ".3f"), ""),
+        (
+            "ideal ratio cost(L) ÷ (cost(L) + Σ cost(small)), batch 16",
+            fmt(res["ideal_ratio"], ".3f"),
+            "",
+        ),
+        ("`eft_vs_ideal`", fmt(res["eft_vs_ideal"], ".3f"), met("eft_vs_ideal")),
+        (
+            "`eft_vs_ideal` with costs from `/metrics`",
+            fmt(res.get("eft_vs_ideal_from_metrics"), ".3f"),
+            "",
+        ),
+        (
+            "ITL p99 ÷ p50 at c=16",
+            fmt(res["itl_p99_over_p50_c16"], ".2f"),
+            met("itl_p99_over_p50_c16"),
+        ),
+        (
+            "`rss_growth` (RSS after 1,000 requests ÷ after 100)",
+            fmt(res["rss_growth"], ".3f"),
+            met("rss_growth"),
+        ),
+        ("KV bytes once idle", f"{t['kv_idle_bytes']['value']:.0f}", met("kv_idle_bytes")),
+    ]
+    out = ["| measurement | value | target |", "| --- | ---: | --- |"]
+    out += [f"| {a} | {v} | {n} |" for a, v, n in rows]
+    out += [
+        "",
+        "| concurrency | tok/s | ITL p50 ms | ITL p99 ms | TTFT p50 ms |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for c, r in res["scaling"].items():
+        out.append(
+            f"| {c} | {r['output_token_throughput']:.2f} | {r['itl_p50_ms']:.0f} | "
+            f"{r['itl_p99_ms']:.0f} | {r['ttft_p50_ms']:.0f} |"
+        )
+    return "\n".join(out)

@@ -1,0 +1,117 @@
+"""Engine-level batching gain, without HTTP: 16 requests at once vs the same 16 one by one.
+
+    python -m loadtest.engine_bench [--config FAMILY.yaml] [--requests 16] [--max-tokens 64]
+
+Builds the tiny random family when no --config is given, runs the same seeded requests through
+one `Engine` sequentially and then concurrently, and prints output tokens/s of both, their
+ratio, and where the concurrent run's step time went (per-model forward, combine, sampling,
+the rest = Python and bookkeeping), from the engine's own `StepStats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections import defaultdict
+
+import torch
+
+from decoding.composition import make_composition
+from decoding.engine import Engine, EngineConfig
+from decoding.family import load_family
+from decoding.request import GenerationRequest, SamplingParams, StepStats
+
+
+class StepProfile:
+    """Sums the engine's per-step timings."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.forward: dict[str, float] = defaultdict(float)
+        self.combine = self.sample = self.total = 0.0
+
+    def __call__(self, s: StepStats) -> None:
+        if not s.batch_size:
+            return
+        self.steps += 1
+        for name, sec in s.forward_seconds.items():
+            self.forward[name] += sec
+        self.combine += s.combine_seconds
+        self.sample += s.sample_seconds
+        self.total += s.step_seconds
+
+    def table(self) -> str:
+        ms = lambda x: 1e3 * x / max(self.steps, 1)  # noqa: E731
+        rest = self.total - sum(self.forward.values()) - self.combine - self.sample
+        rows = [(f"forward {n}", v) for n, v in self.forward.items()]
+        rows += [("combine", self.combine), ("sample", self.sample), ("other (python)", rest)]
+        lines = [f"  {'mean per step':<24} {ms(self.total):8.2f} ms   ({self.steps} steps)"]
+        lines += [f"  {k:<24} {ms(v):8.2f} ms  {100 * v / self.total:5.1f}%" for k, v in rows]
+        return "\n".join(lines)
+
+
+async def run(args: argparse.Namespace) -> None:
+    if args.config:
+        path = args.config
+    else:
+        import transformers
+
+        from demo.random_family import build_random_family
+
+        transformers.utils.logging.disable_progress_bar()
+        path = build_random_family(tempfile.mkdtemp(prefix="eft-engine-bench-"))
+    family = load_family(path)
+    prof = StepProfile()
+    engine = Engine(family, EngineConfig(max_batch_size=max(32, args.requests)), on_step=prof)
+    engine.start()
+    await engine.warmup()
+    comp = make_composition(family, None, {e: 1.0 / len(family.config.experts)
+                                           for e in family.config.experts})
+
+    def request(i: int) -> GenerationRequest:
+        ids = family.tokenizer.encode(f"request {i}: the river city of salt and copper")
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, seed=i,
+                                ignore_eos=True)
+        return GenerationRequest(f"r{i}", {m: ids for m in family.models}, comp, params)
+
+    async def drain(req: GenerationRequest) -> int:
+        return sum([len(out.token_ids) async for out in engine.submit(req)])
+
+    t0 = time.perf_counter()
+    sequential = [await drain(request(i)) for i in range(args.requests)]
+    seq_tps = sum(sequential) / (time.perf_counter() - t0)
+    prof.reset()
+    t0 = time.perf_counter()
+    together = await asyncio.gather(*[drain(request(i)) for i in range(args.requests)])
+    conc_tps = sum(together) / (time.perf_counter() - t0)
+    await engine.shutdown()
+    print(f"command: python -m loadtest.engine_bench {' '.join(sys.argv[1:])}".rstrip())
+    print(f"family: {path}; torch threads {torch.get_num_threads()}")
+    print(f"{args.requests} requests x {args.max_tokens} tokens")
+    print(f"  one after another: {seq_tps:8.1f} output tokens/s")
+    print(f"  all at once:       {conc_tps:8.1f} output tokens/s")
+    print(f"  ratio:             {conc_tps / seq_tps:8.2f}x")
+    print("where the concurrent run's step time goes:")
+    print(prof.table())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", help="family YAML (default: build the tiny random family)")
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
