@@ -1,4 +1,4 @@
-# eft-serve on a CUDA runtime image. Build and run (see docs/deploy.md):
+# eft-serve on a CUDA runtime image. Build and run (see README.md, Deploy):
 #   docker build -t eft-serve:0.1.0 .
 #   docker run --gpus all -p 8000:8000 -v /srv/models:/models:ro eft-serve:0.1.0 \
 #       --config /models/family.yaml

@@ -324,7 +324,7 @@ def family_yaml(out: Path) -> Path:
     }
     path = out / "family.yaml"
     header = (
-        "# The embedded demo family, written by `python -m demo.build` (see docs/demo.md).\n"
+        "# The embedded demo family, written by `python -m demo.build` (README: The demo family).\n"
         "# large-helpful is the evaluation's oracle (the large base really fine-tuned); it is\n"
         "# served alone as demo/large-helpful and takes no part in the EFT composition.\n"
     )

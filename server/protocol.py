@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Bounds (contract, documented in docs/server.md).
+# Bounds (contract, documented in README.md, API reference).
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP = 8
