@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -163,3 +164,75 @@ def plausibility_mask(
     low_base = base_lp < base_lp.max(-1, keepdim=True).values + log_alpha
     low_mix = mix_lp < mix_lp.max(-1, keepdim=True).values + log_alpha
     return low_base & low_mix
+
+
+@dataclass
+class BatchFilters:
+    """The conservative-decoding filters of a batch's rows, as tensors (rebuilt with the batch).
+
+    `base_top_p` keeps each row inside the base model's nucleus; `plausibility` keeps tokens
+    that the base or the row's normalised expert mixture finds plausible on its own.
+    """
+
+    base: str  # the family's base model: whose nucleus the filters use
+    top_p_rows: torch.Tensor  # [r] rows with base_top_p
+    top_p: torch.Tensor  # [r]
+    plaus_rows: torch.Tensor  # [q] rows with plausibility
+    alpha: torch.Tensor  # [q]
+    mix: dict[str, torch.Tensor]  # expert -> [q] its weight in each row's normalised mixture
+
+    @classmethod
+    def build(cls, comps: list[Composition], device: torch.device) -> BatchFilters | None:
+        top_p_rows = [i for i, c in enumerate(comps) if c.base_top_p is not None]
+        plaus_rows = [i for i, c in enumerate(comps) if c.plausibility]
+        if not (top_p_rows or plaus_rows):
+            return None
+        mix: dict[str, list[float]] = {}
+        for j, i in enumerate(plaus_rows):
+            c = comps[i]
+            total = sum(c.coeffs[e] for e in c.experts)
+            for e in c.experts:
+                mix.setdefault(e, [0.0] * len(plaus_rows))[j] = (
+                    c.coeffs[e] / total if total else 0.0
+                )
+        t = lambda values: torch.tensor(values, device=device)  # noqa: E731
+        return cls(
+            base=comps[(top_p_rows or plaus_rows)[0]].base,
+            top_p_rows=t(top_p_rows),
+            top_p=t([comps[i].base_top_p for i in top_p_rows]),
+            plaus_rows=t(plaus_rows),
+            alpha=t([comps[i].plausibility for i in plaus_rows]),
+            mix={e: t(w) for e, w in mix.items()},
+        )
+
+    def mask(
+        self,
+        batch: int,
+        vocab: int,
+        parts: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """True for the tokens each row may not sample. `parts`: (model, rows, coef, lp)."""
+        device = self.top_p.device
+        base_full = torch.zeros(batch, vocab, device=device)
+        expert_full: dict[str, torch.Tensor] = {}
+        for name, idx, _, lp in parts:
+            if name == self.base:
+                base_full.index_copy_(0, idx, lp)
+            elif name in self.mix:
+                expert_full.setdefault(name, torch.zeros(batch, vocab, device=device))
+                expert_full[name].index_copy_(0, idx, lp)
+        mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        if len(self.top_p_rows):
+            rows = self.top_p_rows
+            mask[rows] |= nucleus_mask(base_full[rows], self.top_p)
+        if len(self.plaus_rows):
+            rows = self.plaus_rows
+            base = base_full[rows]
+            mix = base
+            if self.mix:
+                mixed = sum(w.unsqueeze(-1) * expert_full[e][rows] for e, w in self.mix.items())
+                # Rows whose experts all weigh 0 fall back to the base alone.
+                empty = sum(self.mix.values()) == 0
+                mix = torch.where(empty.unsqueeze(-1), base, torch.log_softmax(mixed, dim=-1))
+            mask[rows] |= plausibility_mask(base, mix, self.alpha)
+        return mask

@@ -551,7 +551,7 @@ def test_queue_bounds_do_not_leak_after_many_requests(tiny_family):
                 ]
             )
             await asyncio.sleep(0.05)
-            return engine.num_running, engine.num_waiting, engine._batches
+            return engine.num_running, engine.num_waiting, engine.scheduler.batches
         finally:
             await engine.shutdown()
 
@@ -577,3 +577,42 @@ def test_bfloat16_family_runs_the_same_code_path(tiny_family_path):
     assert len(out["tokens"]) == 5
     # The combination itself is float32 whatever the models' dtype.
     assert all(lp.logprob <= 0.0 for lp in out["lps"])
+
+
+def test_base_top_p_restricts_sampling_but_not_the_reported_logprobs(tiny_family):
+    """A base nucleus of ~0 mass leaves only the base's top token: EFT then decodes exactly
+    what the base alone decodes, while log-probs still describe the composed distribution."""
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            base = await collect(engine, request(tiny_family, "b", PROMPTS[1], model="large-base",
+                                                 max_tokens=6, ignore_eos=True))
+            filtered = await collect(engine, request(
+                tiny_family, "f", PROMPTS[1], {"helpful": 2.0, "base_top_p": 1e-6},
+                max_tokens=6, logprobs=1, ignore_eos=True, temperature=1.0, seed=3))
+            plaus = await collect(engine, request(
+                tiny_family, "p", PROMPTS[1], {"helpful": 2.0, "plausibility": 0.999},
+                max_tokens=6, ignore_eos=True, temperature=1.0, seed=3))
+            return base[0], filtered[0], plaus[0]
+        finally:
+            await engine.shutdown()
+
+    base, filtered, plaus = run(go())
+    assert filtered["tokens"] == base["tokens"]
+    prompt = tiny_family.tokenizer.encode(PROMPTS[1])
+    comp = make_composition(tiny_family, None, {"helpful": 2.0})
+    ref = reference_logprobs(tiny_family, comp.coeffs, prompt + filtered["tokens"])
+    for t, lp in enumerate(filtered["lps"]):
+        assert lp.logprob == pytest.approx(float(ref[len(prompt) - 1 + t, lp.token_id]), abs=1e-4)
+    # alpha ~1 keeps only the top token of the base or of the expert at each step.
+    v = tiny_family.vocab_size
+    ids = prompt + plaus["tokens"]
+    with torch.inference_mode():
+        tops = {
+            name: tiny_family.models[name].module(torch.tensor([ids])).logits[0, :, :v].argmax(-1)
+            for name in ("large-base", "helpful")
+        }
+    for t, tok in enumerate(plaus["tokens"]):
+        pos = len(prompt) - 1 + t
+        assert tok in (int(tops["large-base"][pos]), int(tops["helpful"][pos]))
