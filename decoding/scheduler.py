@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,6 +32,9 @@ from .request import SequenceOutput, StepStats, TokenLogprob
 from .sampling import BatchSampling, apply_penalties, sample
 from .sequence import RequestState, Sequence
 
+if TYPE_CHECKING:
+    from .engine import EngineConfig
+
 Events = list[tuple[RequestState, SequenceOutput]]
 
 
@@ -38,7 +42,7 @@ class Scheduler:
     def __init__(
         self,
         family: Family,
-        config,  # EngineConfig
+        config: EngineConfig,
         deliver: Callable[[Events], None],
         dequeued: Callable[[int], None],
         waiting_count: Callable[[], int],
@@ -66,7 +70,7 @@ class Scheduler:
 
     def cancel(self, rids: set[str]) -> None:
         """Abort these requests wherever they are: waiting, being chunked, or running."""
-        events: list[tuple[RequestState, SequenceOutput]] = []
+        events: Events = []
         for state in [s for s in self.waiting if s.rid in rids]:
             self.waiting.remove(state)
             self._dequeued(1)
@@ -104,11 +108,10 @@ class Scheduler:
     def step(self) -> None:
         t_start = time.perf_counter()
         stats = StepStats(batch_size=0, num_running=0, num_waiting=0)
-        self._new_batches, self._new_src = {}, {}
         n_run = len(self._rows)
         parts = self._decode_parts(stats) if n_run else []
         admitted = self._admit(stats)
-        new_rows, prompt_events = self._prefill(admitted, n_run, parts, stats)
+        new_rows, prompt_events, joins = self._prefill(admitted, n_run, parts, stats)
         rows = self._rows + new_rows
         events = list(prompt_events)
         if rows:
@@ -123,7 +126,7 @@ class Scheduler:
             events += self._postprocess(rows, tokens, chosen, top)
             stats.batch_size = len(rows)
             stats.generated_tokens = len(rows)
-            self._merge(new_rows, on_device)
+            self._merge(new_rows, joins, on_device)
         self._deliver(events)
         self._report_finished(events, stats)
         stats.num_running = self.num_running
@@ -214,50 +217,41 @@ class Scheduler:
         n_run: int,
         parts: list,
         stats: StepStats,
-    ) -> tuple[list[Sequence], list[tuple[RequestState, SequenceOutput]]]:
+    ) -> tuple[list[Sequence], Events, dict[str, tuple[ModelBatch, list[int]]]]:
         """Prefill admitted requests (one forward per model), add their first-token log-probs
-        to `parts` at rows after the running ones, and return their new sequences."""
+        to `parts` at rows after the running ones, and return their new sequences, their
+        events (echo-only requests finish here) and, per model, the prefilled batch with the
+        row each new sequence takes from it (siblings share one prefilled row)."""
         if not admitted:
-            return [], []
-        new_batches: dict[str, ModelBatch] = {}
-        last: dict[str, torch.Tensor] = {}  # model -> [requests using it, V] last-position logits
+            return [], [], {}
+        batches: dict[str, ModelBatch] = {}
+        last: dict[str, torch.Tensor] = {}  # model -> [its users, V] last-position logits
         full: dict[tuple[str, int], torch.Tensor] = {}  # (model, request) -> [T, V] for echo
-        for name in self.family.models:
-            users = [s for s in admitted if name in s.models]
-            if not users:
-                continue
-            fresh = [s for s in users if not s.chunks]
-            keep_all = any(s.req.params.prompt_logprobs is not None for s in fresh)
-            chunks: list[torch.Tensor] = []
-            if fresh:
+        if admitted[0].chunks:  # a chunk-prefilled request is admitted alone (see _admit)
+            batches = dict(admitted[0].chunks)
+            last = {name: admitted[0].last_logits[name] for name in batches}
+        else:
+            for name in self.family.models:
+                users = [s for s in admitted if name in s.models]
+                if not users:
+                    continue
+                keep_all = any(s.req.params.prompt_logprobs is not None for s in users)
                 batch = ModelBatch(self.family.models[name])
                 t0 = time.perf_counter()
                 logits = batch.forward(
-                    [s.req.prompt_ids[name] for s in fresh], logits_to_keep=0 if keep_all else 1
+                    [s.req.prompt_ids[name] for s in users], logits_to_keep=0 if keep_all else 1
                 )
                 stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + (
                     time.perf_counter() - t0
                 )
-                for j, s in enumerate(fresh):
+                for j, s in enumerate(users):
                     if s.req.params.prompt_logprobs is not None:
                         full[(name, id(s))] = logits[j, -len(s.req.prompt_ids[name]) :]
-                chunks.append(logits[:, -1])
-                new_batches[name] = batch
-            for s in users:  # chunk-prefilled requests bring their own single-row batch
-                if s.chunks:
-                    chunks.append(s.last_logits[name])
-                    if name in new_batches:
-                        new_batches[name].extend(s.chunks[name])
-                    else:
-                        new_batches[name] = s.chunks[name]
-            last[name] = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
-            # Keep `new_batches[name]` rows in the order of `users`: fresh first, then chunked.
-        stats.prompt_tokens += sum(s.cost for s in admitted if not s.chunks)
-        self._new_batches = new_batches
+                last[name], batches[name] = logits[:, -1], batch
+            stats.prompt_tokens += sum(s.cost for s in admitted)
 
         new_rows: list[Sequence] = []
-        events: list[tuple[RequestState, SequenceOutput]] = []
-        order = {name: self._prefill_order(admitted, name) for name in last}
+        events: Events = []
         for s in admitted:
             plp = (
                 self._prompt_logprobs(s, full) if s.req.params.prompt_logprobs is not None else None
@@ -266,36 +260,24 @@ class Scheduler:
                 events += self._finish_unstarted(s, "length", prompt_logprobs=plp)
                 continue
             s.prompt_lp = plp
-            for i in range(s.req.params.n):
-                new_rows.append(self._new_seq(s, i))
+            new_rows += [self._new_seq(s, i) for i in range(s.req.params.n)]
+        joins: dict[str, tuple[ModelBatch, list[int]]] = {}
         for name, logits in last.items():
-            lp = log_probs(logits.to(self.device), self.vocab_size)
-            src, dst = [], []
-            for k, seq in enumerate(new_rows):
-                if name in seq.request.models:
-                    src.append(order[name][id(seq.request)])
-                    dst.append(n_run + k)
+            row = {id(s): j for j, s in enumerate(s for s in admitted if name in s.models)}
+            src = [row[id(q.request)] for q in new_rows if name in q.request.models]
+            dst = [n_run + k for k, q in enumerate(new_rows) if name in q.request.models]
+            joins[name] = (batches[name], src)
             if not dst:
                 continue
-            src_t = torch.tensor(src, device=self.device)
-            coef = torch.tensor(
-                [new_rows[d - n_run].request.req.composition.coeffs[name] for d in dst],
-                device=self.device,
-            )
-            dst_t = torch.tensor(dst, device=self.device)
-            parts.append((name, dst_t, coef, lp.index_select(0, src_t)))
-        self._new_src = {
-            name: [order[name][id(seq.request)] for seq in new_rows if name in seq.request.models]
-            for name in last
-        }
-        return new_rows, events
-
-    @staticmethod
-    def _prefill_order(admitted: list[RequestState], name: str) -> dict[int, int]:
-        """Row of each request in the model's prefill batch: fresh ones first, then chunked."""
-        users = [s for s in admitted if name in s.models]
-        ordered = [s for s in users if not s.chunks] + [s for s in users if s.chunks]
-        return {id(s): j for j, s in enumerate(ordered)}
+            coef = [new_rows[d - n_run].request.req.composition.coeffs[name] for d in dst]
+            lp = log_probs(logits.to(self.device), self.vocab_size)
+            parts.append((
+                name,
+                torch.tensor(dst, device=self.device),
+                torch.tensor(coef, device=self.device),
+                lp.index_select(0, torch.tensor(src, device=self.device)),
+            ))  # fmt: skip
+        return new_rows, events, joins
 
     def _new_seq(self, state: RequestState, index: int) -> Sequence:
         p = state.req.params
@@ -314,11 +296,11 @@ class Scheduler:
         """Log-prob of every prompt token under the composed distribution (echo scoring)."""
         coeffs = state.req.composition.coeffs
         t = len(state.req.prompt_ids[state.models[0]])
+        rows = torch.arange(t, device=self.device)
         parts = []
-        zero = torch.zeros(t, dtype=torch.long, device=self.device)
         for name in state.models:
             lp = log_probs(full[(name, id(state))].to(self.device), self.vocab_size)
-            parts.append((torch.arange(t, device=self.device), zero.float() + coeffs[name], lp))
+            parts.append((rows, torch.full((t,), coeffs[name], device=self.device), lp))
         composed = combine(t, parts)
         ids = state.req.prompt_ids[state.models[0]]
         k = state.req.params.prompt_logprobs or 0
@@ -442,14 +424,19 @@ class Scheduler:
             events.append((seq.request, out))
         return events
 
-    def _merge(self, new_rows: list[Sequence], tokens: torch.Tensor) -> None:
+    def _merge(
+        self,
+        new_rows: list[Sequence],
+        joins: dict[str, tuple[ModelBatch, list[int]]],
+        tokens: torch.Tensor,
+    ) -> None:
         """Add the new rows to every model's batch, then drop finished rows everywhere.
 
         `tokens` (on the device) are the next decode step's inputs: no host round trip.
         """
         if new_rows:
-            for name, batch in self._new_batches.items():
-                batch.select(self._new_src[name])  # one row per sibling
+            for name, (batch, src) in joins.items():
+                batch.select(src)  # one row per sibling
                 self.batches[name].extend(batch)
             # `_rebuild` already ran for exactly these rows this step: the tensors stay valid.
             self._rows = self._rows + new_rows
@@ -458,7 +445,6 @@ class Scheduler:
         if len(keep) != len(self._rows):
             self._keep_rows(keep)
         self.num_running = len({id(s.request) for s in self._rows})
-        self._new_batches, self._new_src = {}, {}
 
     def _keep_rows(self, keep: list[int]) -> None:
         """Drop every row not in `keep` from the batch and from each model's cache."""
