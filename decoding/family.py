@@ -134,10 +134,6 @@ class Family:
     def name(self) -> str:
         return self.config.name
 
-    @property
-    def model_names(self) -> list[str]:
-        return list(self.models)
-
     def render_chat(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """Each model's prompt tokens for a chat, rendered with that model's own template."""
         return {name: render_chat(m, messages) for name, m in self.models.items()}

@@ -111,8 +111,6 @@ class SequenceOutput:
     finish_reason: str | None = None
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
-    num_prompt_tokens: int = 0
-    num_generated_tokens: int = 0  # total so far for this sibling
     stop_reason: str | int | None = None  # the stop string or token id that ended it
 
 

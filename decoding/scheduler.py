@@ -401,8 +401,6 @@ class Scheduler:
                 request_id=seq.request.rid,
                 index=seq.index,
                 token_ids=[tok],
-                num_prompt_tokens=seq.request.cost,
-                num_generated_tokens=len(seq.output),
             )
             if chosen is not None and p.logprobs is not None:
                 out.logprobs = [TokenLogprob(tok, chosen[i], tops[i][: p.logprobs])]
@@ -470,8 +468,6 @@ class Scheduler:
             text=seq.detok.flush() if reason != "error" else "",
             finish_reason=reason,
             error=error,
-            num_prompt_tokens=seq.request.cost,
-            num_generated_tokens=len(seq.output),
         )
 
     def _finish_unstarted(
@@ -490,7 +486,6 @@ class Scheduler:
                     finish_reason=reason,
                     error=error,
                     prompt_logprobs=prompt_logprobs if i == 0 else None,
-                    num_prompt_tokens=state.cost,
                 ),
             )
             for i in range(state.req.params.n)
