@@ -210,8 +210,14 @@ class BatchFilters:
         batch: int,
         vocab: int,
         parts: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]],
+        banned: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """True for the tokens each row may not sample. `parts`: (model, rows, coef, lp)."""
+        """True for the tokens each row may not sample. `parts`: (model, rows, coef, lp).
+
+        `banned` ([batch, vocab], True = may not be sampled now, e.g. EOS under `min_tokens`)
+        is taken out of the base and expert distributions first, so the filters choose among
+        tokens that can be sampled and never leave a row empty.
+        """
         device = self.top_p.device
         base_full = torch.zeros(batch, vocab, device=device)
         expert_full: dict[str, torch.Tensor] = {}
@@ -221,6 +227,10 @@ class BatchFilters:
             elif name in self.mix:
                 expert_full.setdefault(name, torch.zeros(batch, vocab, device=device))
                 expert_full[name].index_copy_(0, idx, lp)
+        if banned is not None:
+            base_full = torch.log_softmax(base_full.masked_fill(banned, -torch.inf), dim=-1)
+            for name, lp in expert_full.items():
+                expert_full[name] = torch.log_softmax(lp.masked_fill(banned, -torch.inf), dim=-1)
         mask = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
         if len(self.top_p_rows):
             rows = self.top_p_rows

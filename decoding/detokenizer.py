@@ -31,8 +31,12 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
 
-    def add(self, token_id: int) -> tuple[str, str | None]:
-        """Append a token; return (text safe to emit now, the stop string if one was hit)."""
+    def add(self, token_id: int, check_stop: bool = True) -> tuple[str, str | None]:
+        """Append a token; return (text safe to emit now, the stop string if one was hit).
+
+        With `check_stop` False (before `min_tokens`) stop strings are neither looked for nor
+        held back.
+        """
         self.ids.append(token_id)
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
@@ -40,7 +44,7 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-        if self.stop:
+        if self.stop and check_stop:
             # Only the new tail (plus the longest stop string's reach back) can hold a new match.
             start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
             hits = [(self.text.find(s, start), s) for s in self.stop]

@@ -2,9 +2,19 @@
 
 Callers live on an asyncio loop: `submit()` validates a request synchronously (context length,
 queue bound), puts it in the inbox and returns an async iterator of `SequenceOutput`, fed
-through `loop.call_soon_threadsafe`; leaving the iterator early cancels the request. The
-engine thread drains the inbox between steps and runs `Scheduler.step()` while there is work
-(`decoding/scheduler.py` holds the step itself).
+through `loop.call_soon_threadsafe`; leaving the iterator early cancels the request.
+
+The engine thread drains the inbox between steps and runs `step()` while there is work:
+
+    plan = scheduler.schedule()            who runs (bookkeeping only)
+    prefill chunks -> runners              one forward per model over the step's prompt chunks
+    decode rows    -> runners              one forward per model over the rows that use it
+    sampler.sample(rows, parts)            combine, penalties, bans, filters, draw
+    Sequence.append per row                detokenize, stop checks -> events
+    free the slots of finished rows
+
+An exception in a phase fails exactly the requests that phase touched (a final "error" event
+each, their slots freed) and the engine goes on serving the others.
 """
 
 from __future__ import annotations
@@ -12,11 +22,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import torch
+
+from .composition import combine, log_probs
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
 from .family import Family
 from .request import (
     Composition,
@@ -27,20 +42,28 @@ from .request import (
     SamplingParams,
     SequenceOutput,
     StepStats,
+    TokenLogprob,
 )
-from .scheduler import Events, Scheduler
-from .sequence import RequestState
+from .runner import ModelRunner
+from .sampler import Part, Sampler
+from .scheduler import PrefillChunk, Scheduler
+from .sequence import RequestState, Sequence
+
+__all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
 
+Events = list[tuple[RequestState, SequenceOutput]]
+
 
 @dataclass
-class EngineConfig:
-    max_batch_size: int = 32  # sequences decoding together (n siblings count separately)
-    max_waiting: int = 256  # requests queued for admission; beyond it submit() refuses
-    max_prefill_tokens: int = 512  # prompt tokens prefilled per step; longer prompts are chunked
-    seed: int = 0  # of the generator shared by unseeded requests
-    idle_wait_s: float = 0.5  # how long the idle loop sleeps between checks for shutdown
+class Submit:
+    state: RequestState
+
+
+@dataclass
+class Cancel:
+    request_id: str
 
 
 class Engine:
@@ -59,16 +82,25 @@ class Engine:
         # Inbox: the only state shared with the caller's thread.
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._inbox: deque[tuple[str, object]] = deque()
+        self._inbox: list[Submit | Cancel] = []
         self._num_waiting = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._dead: str | None = None
-        # Everything below the inbox belongs to the engine thread.
-        self.scheduler = Scheduler(
-            family, self.config, self._deliver, self._dequeued, lambda: self._num_waiting,
-            self._observe,
-        )  # fmt: skip
+        # Everything below belongs to the engine thread.
+        self.scheduler = Scheduler(self.config)
+        self.runners = {
+            name: ModelRunner(m, self.config.max_batch_size) for name, m in family.models.items()
+        }
+        self.sampler = Sampler(
+            family.vocab_size, family.device, family.eos_token_ids, self.config.seed
+        )
+        # Per-row tensors are rebuilt only when the rows they were built for change.
+        self._batch: list[Sequence] = []  # rows of `_last`, the next decode's input tokens
+        self._last = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._sampler_rows: list[Sequence] = []
+        self._member_rows: list[Sequence] = []
+        self._members: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
     # ----------------------------------------------------------------- caller side (asyncio)
 
@@ -120,14 +152,14 @@ class Engine:
                     f"the server is at capacity ({self.config.max_waiting} requests waiting)"
                 )
             self._num_waiting += 1
-            self._inbox.append(("submit", state))
+            self._inbox.append(Submit(state))
         self._wake.set()
         self.start()
         return self._stream(state)
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
-            self._inbox.append(("cancel", request_id))
+            self._inbox.append(Cancel(request_id))
         self._wake.set()
 
     async def shutdown(self, timeout: float = 10.0) -> None:
@@ -195,40 +227,356 @@ class Engine:
             while True:
                 self._drain_inbox()
                 if self._stopping:
-                    self.scheduler.abort_all("the engine is shutting down")
+                    self._abort_all("the engine is shutting down")
                     return
                 if not self.scheduler.has_work():
                     self._wake.wait(self.config.idle_wait_s)
                     self._wake.clear()
                     continue
                 try:
-                    self.scheduler.step()
-                except Exception as exc:  # a bug or OOM fails the batch, not the server
+                    self.step()
+                except Exception as exc:  # noqa: BLE001 - a bug outside the guarded phases
                     log.exception("engine step failed")
-                    self.scheduler.abort_all(f"engine step failed: {exc}", reason="error")
+                    self._abort_all(f"engine step failed: {exc}", "error", keep_waiting=True)
         except BaseException as exc:  # pragma: no cover - last resort
             self._dead = f"the engine stopped: {exc}"
             log.exception("engine thread died")
+            self._abort_all(self._dead, reason="error")
             raise
 
     def _drain_inbox(self) -> None:
         with self._lock:
-            items = list(self._inbox)
-            self._inbox.clear()
+            items, self._inbox = self._inbox, []
         cancelled = set()
-        for kind, value in items:
-            if kind == "submit":
-                self.scheduler.waiting.append(value)  # type: ignore[arg-type]
+        for item in items:
+            if isinstance(item, Submit):
+                self.scheduler.waiting.append(item.state)
             else:
-                cancelled.add(value)
+                cancelled.add(item.request_id)
         if cancelled:
-            self.scheduler.cancel(cancelled)
+            self._cancel(cancelled)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One step: prefill chunks and decode rows, sample, post-process, deliver."""
+        t_start = time.perf_counter()
+        plan, admitted = self.scheduler.schedule()
+        self._dequeued(len(admitted))
+        stats = StepStats(batch_size=0, num_running=0, num_waiting=0)
+        events: Events = []
+        joined, joined_parts = self._run_prefill(plan.prefill, stats, events)
+        rows = plan.decode + joined
+        if rows:
+            try:
+                parts = self._run_decode(plan.decode, stats) + [
+                    (name, idx + len(plan.decode), coef, lp) for name, idx, coef, lp in joined_parts
+                ]
+                if rows != self._sampler_rows:
+                    self.sampler.prepare(rows)
+                    self._sampler_rows = rows
+                t0 = time.perf_counter()
+                result = self.sampler.sample(rows, parts)
+                stats.combine_seconds = result.combine_seconds
+                stats.sample_seconds = time.perf_counter() - t0 - result.combine_seconds
+            except Exception as exc:  # noqa: BLE001 - a bug or OOM fails these rows, not the server
+                log.exception("engine step failed")
+                events += [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
+                self._batch, self._sampler_rows = [], []
+                self._last = self._last[:0]
+            else:
+                eos = self.family.eos_token_ids
+                for i, seq in enumerate(rows):
+                    out = seq.append(result.tokens[i], eos, result.logprobs[i], result.traces[i])
+                    events.append((seq.request, out))
+                self._batch, self._last = rows, result.on_device
+                stats.batch_size = stats.generated_tokens = len(rows)
+        self._retire()
+        self._deliver(events)
+        self._finish_stats(stats, events, t_start)
+
+    # ---------------------------------------------------------------- prefill
+
+    def _run_prefill(
+        self, chunks: list[PrefillChunk], stats: StepStats, events: Events
+    ) -> tuple[list[Sequence], list[Part]]:
+        """Forward this step's prompt chunks; the rows of prompts completed, with their
+        first-token log-probs as parts (row indices counted from 0 among the new rows)."""
+        if not chunks:
+            return [], []
+        try:
+            full = self._forward_chunks(chunks, stats)
+            done = [c.state for c in chunks if c.last]
+            joined: list[Sequence] = []
+            for state in done:
+                if state.params.prompt_logprobs is not None:
+                    state.prompt_lp = self._prompt_logprobs(state, full)
+                self.scheduler.drop_prefilling(state)
+                if state.params.max_tokens == 0:
+                    events += self._finish_unstarted(state, "length")
+                    self._free_request(state)
+                    continue
+                rows = self._new_rows(state)
+                self.scheduler.joined(state, rows)
+                joined += rows
+            return joined, self._first_token_parts(joined)
+        except Exception as exc:  # noqa: BLE001 - fails the prompts of this step only
+            log.exception("prefill failed")
+            for c in chunks:
+                state = c.state
+                self.scheduler.drop_prefilling(state)
+                for seq in [s for s in self.scheduler.running if s.request is state]:
+                    seq.finished = True
+                    self._free_row(seq)
+                self.scheduler.retire()
+                self._free_request(state)
+                events += self._finish_unstarted(state, "error", f"engine step failed: {exc}")
+            return [], []
+
+    def _forward_chunks(self, chunks: list[PrefillChunk], stats: StepStats) -> dict:
+        """One forward per model over its chunks; keeps each completed model's last logits.
+        Returns the all-position logits of echo-scoring requests: (model, request) -> [T, V]."""
+        full: dict[tuple[str, int], torch.Tensor] = {}
+        for name, runner in self.runners.items():
+            mine = [c for c in chunks if name in c.spans]
+            if not mine:
+                continue
+            for c in mine:
+                if name not in c.state.slots:
+                    c.state.slots[name] = runner.allocate()
+            keep_all = any(c.state.params.prompt_logprobs is not None for c in mine)
+            prompts = [
+                c.state.req.prompt_ids[name][c.spans[name][0] : c.spans[name][1]] for c in mine
+            ]
+            t0 = time.perf_counter()
+            logits = runner.prefill([c.state.slots[name] for c in mine], prompts, keep_all)
+            stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + (
+                time.perf_counter() - t0
+            )
+            for j, c in enumerate(mine):
+                start, end = c.spans[name]
+                c.state.cursor[name] = end
+                last = logits[j, end - start - 1] if keep_all else logits[j]
+                c.state.last_logits[name] = last
+                if c.state.params.prompt_logprobs is not None:
+                    full[(name, id(c.state))] = logits[j, : end - start]
+        stats.prompt_tokens += sum(c.tokens for c in chunks)
+        return full
+
+    def _new_rows(self, state: RequestState) -> list[Sequence]:
+        """The n sibling rows of a prompt just completed: the first keeps the prefill slots,
+        the others get copies of them."""
+        p = state.params
+        copies = {
+            name: self.runners[name].fork(slot, p.n - 1) for name, slot in state.slots.items()
+        }
+        rows = []
+        for i in range(p.n):
+            slots = {
+                name: (slot if i == 0 else copies[name][i - 1])
+                for name, slot in state.slots.items()
+            }
+            gen = None
+            if p.seed is not None:
+                # Siblings of a seeded request get distinct but reproducible streams.
+                gen = torch.Generator(device=self.device).manual_seed(
+                    (p.seed * 1_000_003 + i) % (2**63)
+                )
+            detok = IncrementalDetokenizer(self.family.tokenizer, p.stop, p.skip_special_tokens)
+            rows.append(Sequence(state, i, p, detok, gen, slots))
+        state.slots = {}  # now owned by the rows
+        return rows
+
+    def _first_token_parts(self, rows: list[Sequence]) -> list[Part]:
+        parts: list[Part] = []
+        for name in self.runners:
+            idx = [i for i, s in enumerate(rows) if name in s.request.last_logits]
+            if not idx:
+                continue
+            lp = log_probs(
+                torch.stack([rows[i].request.last_logits[name] for i in idx]).to(self.device),
+                self.vocab_size,
+            )
+            coef = [rows[i].request.req.composition.coeffs[name] for i in idx]
+            parts.append((
+                name,
+                torch.tensor(idx, device=self.device),
+                torch.tensor(coef, dtype=torch.float32, device=self.device),
+                lp,
+            ))  # fmt: skip
+        for s in rows:
+            if s.index == s.params.n - 1:
+                s.request.last_logits = {}
+        return parts
+
+    def _prompt_logprobs(self, state: RequestState, full: dict) -> list[TokenLogprob | None]:
+        """Log-prob of every prompt token under the composed distribution (echo scoring)."""
+        coeffs = state.req.composition.coeffs
+        ids = state.req.prompt_ids[state.models[0]]
+        t = len(ids)
+        rows = torch.arange(t, device=self.device)
+        composed = combine(
+            t,
+            [
+                (rows, torch.full((t,), coeffs[m], device=self.device),
+                 log_probs(full[(m, id(state))].to(self.device), self.vocab_size))
+                for m in state.models
+            ],
+        )  # fmt: skip
+        k = state.params.prompt_logprobs or 0
+        target = torch.tensor(ids[1:], device=self.device)
+        chosen = composed[:-1].gather(1, target.unsqueeze(-1)).squeeze(-1).tolist()
+        top_v, top_i = composed[:-1].topk(max(k, 1), dim=-1)
+        top_v, top_i = top_v[:, :k].tolist(), top_i[:, :k].tolist()
+        out: list[TokenLogprob | None] = [None]
+        for j, tok in enumerate(ids[1:]):
+            out.append(TokenLogprob(tok, chosen[j], list(zip(top_i[j], top_v[j]))))
+        return out
+
+    # ---------------------------------------------------------------- decode
+
+    def _run_decode(self, rows: list[Sequence], stats: StepStats) -> list[Part]:
+        """One token for every running row through each model it uses."""
+        if not rows:
+            return []
+        if rows != self._member_rows:
+            self._members = self._membership(rows)
+            self._member_rows = rows
+        parts: list[Part] = []
+        for name, (idx, coef, slots) in self._members.items():
+            t0 = time.perf_counter()
+            logits = self.runners[name].decode(slots, self._last.index_select(0, idx))
+            parts.append((name, idx, coef, log_probs(logits.to(self.device), self.vocab_size)))
+            stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + (
+                time.perf_counter() - t0
+            )
+        return parts
+
+    def _membership(self, rows: list[Sequence]) -> dict:
+        """Per model: the batch rows that use it, their coefficients and their slots."""
+        out = {}
+        for name in self.runners:
+            idx = [i for i, s in enumerate(rows) if name in s.slots]
+            if idx:
+                coeffs = [rows[i].request.req.composition.coeffs[name] for i in idx]
+                out[name] = (
+                    torch.tensor(idx, device=self.device),
+                    torch.tensor(coeffs, dtype=torch.float32, device=self.device),
+                    [rows[i].slots[name] for i in idx],
+                )
+        return out
+
+    def _retire(self) -> None:
+        """Drop finished rows from the batch and free their slots; realign the next inputs."""
+        batch = self._batch
+        done = self.scheduler.retire()
+        for seq in done:
+            self._free_row(seq)
+        if done and batch:
+            keep = [i for i, s in enumerate(batch) if not s.finished]
+            index = torch.tensor(keep, dtype=torch.long, device=self.device)
+            self._last = self._last.index_select(0, index)
+            self._batch = [batch[i] for i in keep]
+
+    # ---------------------------------------------------------------- slots and endings
+
+    def _free_row(self, seq: Sequence) -> None:
+        for name, slot in seq.slots.items():
+            self.runners[name].free(slot)
+        seq.slots = {}
+
+    def _free_request(self, state: RequestState) -> None:
+        for name, slot in state.slots.items():
+            self.runners[name].free(slot)
+        state.slots = {}
+        state.last_logits = {}
+
+    def _cancel(self, rids: set[str]) -> None:
+        """Abort these requests wherever they are: waiting, prefilling, or running."""
+        events: Events = []
+        sched = self.scheduler
+        for state in [s for s in sched.waiting if s.rid in rids]:
+            sched.waiting.remove(state)
+            self._dequeued(1)
+            events += self._finish_unstarted(state, "abort")
+        for state in [s for s in sched.prefilling if s.rid in rids]:
+            sched.drop_prefilling(state)
+            self._free_request(state)
+            events += self._finish_unstarted(state, "abort")
+        for seq in sched.running:
+            if seq.request.rid in rids:
+                events.append((seq.request, seq.finish("abort")))
+        self._retire()
+        self._deliver(events)
+        if events:
+            stats = StepStats(0, 0, 0)
+            self._finish_stats(stats, events, None)
+
+    def _abort_all(self, message: str, reason: str = "abort", keep_waiting: bool = False) -> None:
+        """Finish every request with `reason`: on shutdown, when the thread dies, or (with
+        `keep_waiting`) every request a failed step may have touched. Must not raise."""
+        sched = self.scheduler
+        events: Events = []
+        unstarted = sched.prefilling + ([] if keep_waiting else list(sched.waiting))
+        for state in unstarted:
+            events += self._finish_unstarted(state, reason, message)
+        for seq in sched.running:
+            events.append((seq.request, seq.finish(reason, message)))
+        if not keep_waiting:
+            self._dequeued(len(sched.waiting))
+            sched.waiting.clear()
+        self._deliver(events)
+        # The rows' state may be what broke: start over with fresh runners.
+        sched.prefilling, sched.running = [], []
+        self._batch, self._sampler_rows, self._member_rows = [], [], []
+        self._last = self._last[:0]
+        try:
+            for runner in self.runners.values():
+                runner.reset()
+        except Exception:  # noqa: BLE001
+            log.exception("could not reset the KV slots")
+
+    def _finish_unstarted(
+        self, state: RequestState, reason: str, error: str | None = None
+    ) -> Events:
+        return [
+            (
+                state,
+                SequenceOutput(
+                    request_id=state.rid,
+                    index=i,
+                    finish_reason=reason,
+                    error=error,
+                    prompt_logprobs=state.prompt_lp if i == 0 else None,
+                ),
+            )
+            for i in range(state.params.n)
+        ]
+
+    # ---------------------------------------------------------------- reporting
 
     def _dequeued(self, count: int) -> None:
-        with self._lock:
-            self._num_waiting -= count
+        if count:
+            with self._lock:
+                self._num_waiting -= count
 
-    def _observe(self, stats: StepStats) -> None:
+    def _finish_stats(self, stats: StepStats, events: Events, t_start: float | None) -> None:
+        """Fill in what every observer call carries (finished requests, queue, KV use)."""
+        for state, out in events:
+            if out.finish_reason is None:
+                continue
+            state.reasons.append(out.finish_reason)
+            if len(state.reasons) == state.params.n:
+                for reason in ("error", "abort", "length", "stop"):
+                    if reason in state.reasons:
+                        stats.finished.append((state.rid, reason))
+                        break
+        stats.num_running = self.num_running
+        stats.num_waiting = self._num_waiting
+        if t_start is not None:
+            stats.step_seconds = time.perf_counter() - t_start
+        for name, runner in self.runners.items():
+            stats.kv_cache_tokens[name] = runner.num_tokens()
+            stats.kv_cache_bytes[name] = runner.nbytes()
         if self.on_step is not None:
             self.on_step(stats)
 

@@ -33,7 +33,7 @@ class EngineDeadError(EngineError):
 
 @dataclass(frozen=True)
 class Composition:
-    """A coefficient per loaded model: `log p~ = sum_m coeffs[m] * lp_m` (DESIGN §1).
+    """A coefficient per loaded model: `log p~ = sum_m coeffs[m] * lp_m`.
 
     `coeffs` maps model name -> coefficient; models absent from it are not run for this row.
     `knobs` is what the response echoes back (expert weights and filter settings actually used).
@@ -68,6 +68,15 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; k >= 0: the chosen token plus k alternatives
     prompt_logprobs: int | None = None  # None: none; k >= 0: per prompt token (echo scoring)
     skip_special_tokens: bool = True
+    trace: bool = False  # per-token log-probs of every model used (TokenTrace)
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
 
 @dataclass
@@ -75,7 +84,7 @@ class GenerationRequest:
     """One request: n sibling sequences that share a prompt and a composition.
 
     `prompt_ids` maps model name -> that model's prompt tokens. Completions give every model the
-    same list; chat gives each model its own chat-template rendering (DESIGN §3).
+    same list; chat gives each model its own chat-template rendering.
     """
 
     request_id: str
@@ -91,6 +100,21 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class TokenTrace:
+    """Why a token came out: its composed log-prob and each model's own view of it.
+
+    `models` maps every model the row used to its log-prob of the token (`lp_m`), `argmax`
+    to that model's own most likely token. The server derives the implicit rewards
+    (`lp_expert - lp_reference`) and whether the composition changed the token from these.
+    """
+
+    token_id: int
+    logprob: float  # composed
+    models: dict[str, float] = field(default_factory=dict)
+    argmax: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -112,6 +136,7 @@ class SequenceOutput:
     error: str | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    trace: list[TokenTrace] | None = None  # per new token, when the request asked for it
 
 
 @dataclass

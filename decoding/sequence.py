@@ -1,4 +1,11 @@
-"""Engine-side state of a request and of each of its running rows (sibling sequences)."""
+"""Engine-side state of a request and of each of its running rows (sibling sequences).
+
+A `RequestState` lives from `Engine.submit` until its last sibling has finished; while its prompt
+is prefilled it holds one KV slot per model it uses. When the prompt is in, it becomes `n`
+`Sequence`s (rows of the batch), each with its own slot per model for the rest of its life.
+`Sequence.append` is the per-token bookkeeping: detokenize, check stop conditions, and build
+the event the caller receives.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +15,34 @@ from dataclasses import dataclass, field
 import torch
 
 from .detokenizer import IncrementalDetokenizer
-from .kvcache import ModelBatch
-from .request import GenerationRequest, SamplingParams, TokenLogprob
+from .request import GenerationRequest, SamplingParams, SequenceOutput, TokenLogprob, TokenTrace
 
 
 @dataclass(eq=False)
 class RequestState:
-    """One submitted request, from `Engine.submit` until its last sibling has finished."""
-
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop  # the caller's loop, where its events are delivered
     queue: asyncio.Queue
     models: list[str]  # models its composition uses, in family order
     cost: int  # prompt tokens to prefill (longest per-model prompt)
     done: int = 0  # siblings finished (consumer side)
-    chunks: dict[str, ModelBatch] = field(default_factory=dict)  # chunked prefill in progress
-    cursor: dict[str, int] = field(default_factory=dict)
-    last_logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)  # model -> slot, while prefilling
+    cursor: dict[str, int] = field(default_factory=dict)  # model -> prompt tokens prefilled
+    last_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> [V]
     prompt_lp: list[TokenLogprob | None] | None = None  # echo scoring, sent with the 1st token
     reasons: list[str] = field(default_factory=list)  # finish reasons of its siblings so far
 
     @property
     def rid(self) -> str:
         return self.req.request_id
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.req.params
+
+    def remaining(self) -> int:
+        """Prompt tokens still to prefill (the longest model's)."""
+        return max(len(self.req.prompt_ids[m]) - self.cursor.get(m, 0) for m in self.models)
 
 
 @dataclass(eq=False)
@@ -42,9 +54,63 @@ class Sequence:
     params: SamplingParams
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
+    slots: dict[str, int]  # model -> its KV slot in that model's runner
     output: list[int] = field(default_factory=list)
     finished: bool = False
 
-    @property
-    def first_prompt(self) -> list[int]:
-        return self.request.req.prompt_ids[self.request.models[0]]
+    def append(
+        self,
+        token: int,
+        eos_ids: frozenset[int],
+        logprob: TokenLogprob | None = None,
+        trace: TokenTrace | None = None,
+    ) -> SequenceOutput:
+        """Add a sampled token; the event to send (its `finish_reason` set when it ends).
+
+        Semantics as vLLM's: EOS (unless `ignore_eos`) and `stop_token_ids` end the sequence
+        without their own text but with any text held back for a possible stop string; stop
+        strings are not looked for before `min_tokens` tokens; `max_tokens` ends it last.
+        """
+        p = self.params
+        if token < 0:
+            return self.fail("the composed distribution is not finite (NaN or inf log-probs)")
+        self.output.append(token)
+        out = SequenceOutput(request_id=self.request.rid, index=self.index, token_ids=[token])
+        if logprob is not None:
+            out.logprobs = [logprob]
+        if trace is not None:
+            out.trace = [trace]
+        if len(self.output) == 1 and self.index == 0:
+            out.prompt_logprobs = self.request.prompt_lp
+        if token in eos_ids and not p.ignore_eos:
+            out.finish_reason = "stop"
+        elif token in p.stop_token_ids:
+            out.finish_reason, out.stop_reason = "stop", token
+        else:
+            out.text, hit = self.detok.add(token, check_stop=len(self.output) >= p.min_tokens)
+            if hit is not None:
+                out.finish_reason, out.stop_reason = "stop", hit
+        if out.finish_reason is None and len(self.output) >= p.max_tokens:
+            out.finish_reason = "length"
+        if out.finish_reason is not None:
+            if not isinstance(out.stop_reason, str):
+                out.text += self.detok.flush()
+            self.finished = True
+        return out
+
+    def finish(self, reason: str, error: str | None = None) -> SequenceOutput:
+        """End the row from outside (abort, shutdown); held-back text is flushed."""
+        self.finished = True
+        return SequenceOutput(
+            request_id=self.request.rid,
+            index=self.index,
+            text=self.detok.flush(),
+            finish_reason=reason,
+            error=error,
+        )
+
+    def fail(self, error: str) -> SequenceOutput:
+        self.finished = True
+        return SequenceOutput(
+            request_id=self.request.rid, index=self.index, finish_reason="error", error=error
+        )

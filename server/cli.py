@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together in one step (n siblings count separately)")
     p.add_argument("--max-waiting", type=int, default=128,
                    help="requests queued for a batch slot; beyond it requests get 429")
-    p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="prompt tokens prefilled per step (longer prompts are chunked)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one step may process: one per decoding row, the rest for prompt "
+                        "chunks (longer prompts are chunked; default 512)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads torch may use per operation (default: torch's own, one "
                         "per core). 1 is much faster for small models on a shared machine")
@@ -142,8 +143,8 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics = ServerMetrics.for_family(family)
     engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
-    if args.max_prefill_tokens:
-        engine_cfg.max_prefill_tokens = args.max_prefill_tokens
+    if args.max_num_batched_tokens:
+        engine_cfg.max_num_batched_tokens = args.max_num_batched_tokens
     engine = Engine(family, engine_cfg, on_step=metrics.on_step)
     engine.start()
     settings = ServerSettings(api_key=args.api_key or None,

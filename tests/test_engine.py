@@ -324,7 +324,7 @@ def test_long_prompt_is_chunked_and_matches_whole_prefill(tiny_family):
     long_text = " ".join([PROMPTS[1]] * 6)
 
     async def go(budget):
-        engine = await started(tiny_family, max_prefill_tokens=budget)
+        engine = await started(tiny_family, max_num_batched_tokens=budget)
         steps = []
         engine.on_step = lambda s: steps.append((s.prompt_tokens, s.batch_size))
         try:
@@ -551,13 +551,13 @@ def test_queue_bounds_do_not_leak_after_many_requests(tiny_family):
                 ]
             )
             await asyncio.sleep(0.05)
-            return engine.num_running, engine.num_waiting, engine.scheduler.batches
+            return engine.num_running, engine.num_waiting, engine.runners
         finally:
             await engine.shutdown()
 
-    running, waiting, batches = run(go())
+    running, waiting, runners = run(go())
     assert (running, waiting) == (0, 0)
-    assert all(b.size == 0 and b.nbytes() == 0 for b in batches.values())
+    assert all(not r.active and r.num_tokens() == 0 and r.nbytes() == 0 for r in runners.values())
 
 
 def test_bfloat16_family_runs_the_same_code_path(tiny_family_path):

@@ -1,0 +1,16 @@
+"""Engine settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    max_batch_size: int = 32  # rows decoding together (n siblings count separately); KV slots
+    max_waiting: int = 256  # requests queued for admission; beyond it submit() refuses
+    # Tokens one step may process: one per decoding row, the rest for prompt chunks
+    # (vLLM's max_num_batched_tokens). Prompts always get at least a quarter of it.
+    max_num_batched_tokens: int = 512
+    seed: int = 0  # of the generator shared by unseeded requests
+    idle_wait_s: float = 0.5  # how long the idle loop sleeps between checks for shutdown
