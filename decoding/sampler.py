@@ -151,7 +151,9 @@ def apply_penalties(
     centred = scores - scores.median(dim=-1, keepdim=True).values
     penalised = torch.where(centred > 0, centred / repetition, centred * repetition)
     out = torch.where(seen, penalised, centred)
-    return out - frequency * counts - presence * (counts > 0).float()
+    out = out - frequency * counts - presence * (counts > 0).float()
+    # A tiny θ would send a score to inf (and softmax to NaN): keep scores finite.
+    return out.clamp(-1e30, 1e30)
 
 
 def top_k_top_p_min_p(logits: torch.Tensor, bp: BatchParams) -> torch.Tensor:
