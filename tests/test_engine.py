@@ -568,8 +568,18 @@ def test_bfloat16_family_runs_the_same_code_path(tiny_family_path):
         engine = await started(family)
         try:
             await engine.warmup()
-            return await collect(engine, request(family, "r", PROMPTS[0], {"helpful": 1.0},
-                                                 max_tokens=5, logprobs=1, ignore_eos=True))
+            return await collect(
+                engine,
+                request(
+                    family,
+                    "r",
+                    PROMPTS[0],
+                    {"helpful": 1.0},
+                    max_tokens=5,
+                    logprobs=1,
+                    ignore_eos=True,
+                ),
+            )
         finally:
             await engine.shutdown()
 
@@ -586,14 +596,39 @@ def test_base_top_p_restricts_sampling_but_not_the_reported_logprobs(tiny_family
     async def go():
         engine = await started(tiny_family)
         try:
-            base = await collect(engine, request(tiny_family, "b", PROMPTS[1], model="large-base",
-                                                 max_tokens=6, ignore_eos=True))
-            filtered = await collect(engine, request(
-                tiny_family, "f", PROMPTS[1], {"helpful": 2.0, "base_top_p": 1e-6},
-                max_tokens=6, logprobs=1, ignore_eos=True, temperature=1.0, seed=3))
-            plaus = await collect(engine, request(
-                tiny_family, "p", PROMPTS[1], {"helpful": 2.0, "plausibility": 0.999},
-                max_tokens=6, ignore_eos=True, temperature=1.0, seed=3))
+            base = await collect(
+                engine,
+                request(
+                    tiny_family, "b", PROMPTS[1], model="large-base", max_tokens=6, ignore_eos=True
+                ),
+            )
+            filtered = await collect(
+                engine,
+                request(
+                    tiny_family,
+                    "f",
+                    PROMPTS[1],
+                    {"helpful": 2.0, "base_top_p": 1e-6},
+                    max_tokens=6,
+                    logprobs=1,
+                    ignore_eos=True,
+                    temperature=1.0,
+                    seed=3,
+                ),
+            )
+            plaus = await collect(
+                engine,
+                request(
+                    tiny_family,
+                    "p",
+                    PROMPTS[1],
+                    {"helpful": 2.0, "plausibility": 0.999},
+                    max_tokens=6,
+                    ignore_eos=True,
+                    temperature=1.0,
+                    seed=3,
+                ),
+            )
             return base[0], filtered[0], plaus[0]
         finally:
             await engine.shutdown()
@@ -616,3 +651,192 @@ def test_base_top_p_restricts_sampling_but_not_the_reported_logprobs(tiny_family
     for t, tok in enumerate(plaus["tokens"]):
         pos = len(prompt) - 1 + t
         assert tok in (int(tops["large-base"][pos]), int(tops["helpful"][pos]))
+
+
+# ----------------------------------------------------------------- failures and corners
+
+
+def poison_hook(family, model: str, poison: int, decode_only: bool = False):
+    """Make `model`'s forward raise whenever its input holds `poison` (a stand-in for an OOM
+    or a bad kernel on one batch)."""
+
+    def hook(module, args):
+        ids = args[0]
+        if (ids == poison).any() and (not decode_only or ids.shape[1] == 1):
+            raise RuntimeError("injected fault")
+
+    return family.models[model].module.get_input_embeddings().register_forward_pre_hook(hook)
+
+
+def test_a_failing_prefill_fails_its_request_and_the_engine_serves_on(tiny_family):
+    poison = tiny_family.tokenizer.encode("copper")[0]
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            good = asyncio.create_task(
+                collect(
+                    engine,
+                    request(
+                        tiny_family,
+                        "good",
+                        PROMPTS[0],
+                        {"helpful": 1},
+                        max_tokens=8,
+                        ignore_eos=True,
+                    ),
+                )
+            )
+            while not engine.scheduler.running:
+                await asyncio.sleep(0.005)
+            bad = await collect(
+                engine,
+                request(tiny_family, "bad", "copper salt", {"helpful": 1}, max_tokens=4, n=2),
+            )
+            after = await collect(
+                engine,
+                request(
+                    tiny_family, "after", PROMPTS[3], {"helpful": 1}, max_tokens=3, ignore_eos=True
+                ),
+            )
+            return await good, bad, after, engine.runners
+        finally:
+            await engine.shutdown()
+
+    handle = poison_hook(tiny_family, "helpful", poison)
+    try:
+        good, bad, after, runners = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        handle.remove()
+    assert [bad[i]["finish"] for i in (0, 1)] == ["error", "error"]
+    assert "injected fault" in bad[0]["error"]
+    assert good[0]["finish"] == "length" and len(good[0]["tokens"]) == 8
+    assert after[0]["finish"] == "length" and len(after[0]["tokens"]) == 3
+    assert all(not r.active for r in runners.values())
+
+
+def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
+    # The token the base model decodes second for this prompt poisons the decode forward.
+    async def greedy():
+        engine = await started(tiny_family)
+        try:
+            return await collect(
+                engine,
+                request(
+                    tiny_family, "probe", PROMPTS[1], {"helpful": 1}, max_tokens=3, ignore_eos=True
+                ),
+            )
+        finally:
+            await engine.shutdown()
+
+    poison = asyncio.run(greedy())[0]["tokens"][1]
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            doomed = await collect(
+                engine,
+                request(
+                    tiny_family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True
+                ),
+            )
+            later = await collect(
+                engine,
+                request(
+                    tiny_family,
+                    "later",
+                    PROMPTS[0],
+                    model="small-base",
+                    max_tokens=3,
+                    ignore_eos=True,
+                ),
+            )
+            return doomed, later
+        finally:
+            await engine.shutdown()
+
+    handle = poison_hook(tiny_family, "large-base", poison, decode_only=True)
+    try:
+        doomed, later = asyncio.run(asyncio.wait_for(go(), 60))
+    finally:
+        handle.remove()
+    assert doomed[0]["finish"] == "error" and "injected fault" in doomed[0]["error"]
+    assert doomed[0]["tokens"] == [doomed[0]["tokens"][0], poison]
+    assert later[0]["finish"] == "length"
+
+
+def test_held_back_text_is_flushed_when_a_stop_token_ends_the_sequence(tiny_family):
+    async def go(**params):
+        engine = await started(tiny_family)
+        try:
+            return (
+                await collect(
+                    engine,
+                    request(
+                        tiny_family, "r", PROMPTS[1], {"helpful": 1}, ignore_eos=True, **params
+                    ),
+                )
+            )[0]
+        finally:
+            await engine.shutdown()
+
+    plain = asyncio.run(go(max_tokens=4))
+    first, second = plain["tokens"][0], plain["tokens"][1]
+    first_text = tiny_family.tokenizer.decode([first])
+    # The first token's text could begin the stop string, so it is held back; the second
+    # token is a stop id: the held-back text must come out (vLLM does the same).
+    out = asyncio.run(go(max_tokens=4, stop=[first_text + "\x01zz"], stop_token_ids=[second]))
+    assert out["tokens"] == [first, second] and out["finish"] == "stop"
+    assert out["text"] == first_text
+
+
+def test_stop_strings_are_not_checked_before_min_tokens(tiny_family):
+    async def go(**params):
+        engine = await started(tiny_family)
+        try:
+            return (
+                await collect(
+                    engine,
+                    request(
+                        tiny_family, "r", PROMPTS[2], {"helpful": 1}, ignore_eos=True, **params
+                    ),
+                )
+            )[0]
+        finally:
+            await engine.shutdown()
+
+    plain = asyncio.run(go(max_tokens=6))
+    stop = tiny_family.tokenizer.decode(plain["tokens"][:1])
+    assert stop.strip(), "the first token must have visible text for this test"
+    early = asyncio.run(go(max_tokens=6, stop=[stop]))
+    assert early["finish"] == "stop" and len(early["tokens"]) == 1
+    late = asyncio.run(go(max_tokens=6, stop=[stop], min_tokens=3))
+    assert len(late["tokens"]) >= 3 and late["text"].startswith(stop)
+
+
+def test_a_base_nucleus_of_one_banned_token_still_samples_a_real_token(tiny_family):
+    """base_top_p ~0 keeps only the base's top token; making it a stop id under min_tokens
+    used to leave nothing and emit token 0."""
+
+    async def go(**params):
+        engine = await started(tiny_family)
+        try:
+            knobs = params.pop("knobs", None)
+            req = request(tiny_family, "r", "The capital of", knobs, **params)
+            return (await collect(engine, req))[0]
+        finally:
+            await engine.shutdown()
+
+    top = asyncio.run(go(model="large-base", max_tokens=1))["tokens"][0]
+    out = asyncio.run(
+        go(
+            knobs={"helpful": 1, "base_top_p": 1e-6},
+            max_tokens=3,
+            logprobs=1,
+            stop_token_ids=[top],
+            min_tokens=1,
+        )
+    )
+    first = out["tokens"][0]
+    assert first != top and first != tiny_family.tokenizer.pad_token_id
+    assert out["lps"][0].logprob > -1e3  # a token the composition gives real mass to
