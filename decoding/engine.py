@@ -43,6 +43,7 @@ from .request import (
     SequenceOutput,
     StepStats,
     TokenLogprob,
+    TokenTrace,
 )
 from .runner import ModelRunner
 from .sampler import Part, Sampler
@@ -309,7 +310,7 @@ class Engine:
             joined: list[Sequence] = []
             for state in done:
                 if state.params.prompt_logprobs is not None:
-                    state.prompt_lp = self._prompt_logprobs(state, full)
+                    state.prompt_lp, state.prompt_trace = self._prompt_logprobs(state, full)
                 self.scheduler.drop_prefilling(state)
                 if state.params.max_tokens == 0:
                     events += self._finish_unstarted(state, "length")
@@ -408,29 +409,40 @@ class Engine:
                 s.request.last_logits = {}
         return parts
 
-    def _prompt_logprobs(self, state: RequestState, full: dict) -> list[TokenLogprob | None]:
-        """Log-prob of every prompt token under the composed distribution (echo scoring)."""
+    def _prompt_logprobs(self, state: RequestState, full: dict) -> tuple[list, list | None]:
+        """Log-prob of every prompt token under the composed distribution (echo scoring), and
+        its trace when asked for; the first token has neither."""
         coeffs = state.req.composition.coeffs
         ids = state.req.prompt_ids[state.models[0]]
         t = len(ids)
         rows = torch.arange(t, device=self.device)
+        lps = {
+            m: log_probs(full[(m, id(state))].to(self.device), self.vocab_size)
+            for m in state.models
+        }
         composed = combine(
             t,
-            [
-                (rows, torch.full((t,), coeffs[m], device=self.device),
-                 log_probs(full[(m, id(state))].to(self.device), self.vocab_size))
-                for m in state.models
-            ],
-        )  # fmt: skip
+            [(rows, torch.full((t,), coeffs[m], device=self.device), lp) for m, lp in lps.items()],
+        )
         k = state.params.prompt_logprobs or 0
-        target = torch.tensor(ids[1:], device=self.device)
-        chosen = composed[:-1].gather(1, target.unsqueeze(-1)).squeeze(-1).tolist()
+        target = torch.tensor(ids[1:], device=self.device).unsqueeze(-1)
+        chosen = composed[:-1].gather(1, target).squeeze(-1).tolist()
         top_v, top_i = composed[:-1].topk(max(k, 1), dim=-1)
         top_v, top_i = top_v[:, :k].tolist(), top_i[:, :k].tolist()
         out: list[TokenLogprob | None] = [None]
         for j, tok in enumerate(ids[1:]):
             out.append(TokenLogprob(tok, chosen[j], list(zip(top_i[j], top_v[j]))))
-        return out
+        if not state.params.trace:
+            return out, None
+        per_model = {m: lp[:-1].gather(1, target).squeeze(-1).tolist() for m, lp in lps.items()}
+        best = {m: lp[:-1].argmax(-1).tolist() for m, lp in lps.items()}
+        trace: list[TokenTrace | None] = [None]
+        for j, tok in enumerate(ids[1:]):
+            trace.append(TokenTrace(
+                tok, chosen[j], {m: v[j] for m, v in per_model.items()},
+                {m: v[j] for m, v in best.items()},
+            ))  # fmt: skip
+        return out, trace
 
     # ---------------------------------------------------------------- decode
 
@@ -547,6 +559,7 @@ class Engine:
                     finish_reason=reason,
                     error=error,
                     prompt_logprobs=state.prompt_lp if i == 0 else None,
+                    prompt_trace=state.prompt_trace if i == 0 else None,
                 ),
             )
             for i in range(state.params.n)

@@ -137,6 +137,7 @@ class SequenceOutput:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     trace: list[TokenTrace] | None = None  # per new token, when the request asked for it
+    prompt_trace: list[TokenTrace | None] | None = None  # with prompt_logprobs and trace
 
 
 @dataclass

@@ -30,6 +30,7 @@ class RequestState:
     cursor: dict[str, int] = field(default_factory=dict)  # model -> prompt tokens prefilled
     last_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> [V]
     prompt_lp: list[TokenLogprob | None] | None = None  # echo scoring, sent with the 1st token
+    prompt_trace: list[TokenTrace | None] | None = None  # echo scoring with a trace
     reasons: list[str] = field(default_factory=list)  # finish reasons of its siblings so far
 
     @property
@@ -82,6 +83,7 @@ class Sequence:
             out.trace = [trace]
         if len(self.output) == 1 and self.index == 0:
             out.prompt_logprobs = self.request.prompt_lp
+            out.prompt_trace = self.request.prompt_trace
         if token in eos_ids and not p.ignore_eos:
             out.finish_reason = "stop"
         elif token in p.stop_token_ids:

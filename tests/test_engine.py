@@ -840,3 +840,69 @@ def test_a_base_nucleus_of_one_banned_token_still_samples_a_real_token(tiny_fami
     first = out["tokens"][0]
     assert first != top and first != tiny_family.tokenizer.pad_token_id
     assert out["lps"][0].logprob > -1e3  # a token the composition gives real mass to
+
+
+@torch.inference_mode()
+def model_logprobs(family, name, ids):
+    logits = family.models[name].module(torch.tensor([ids])).logits[0, :, : family.vocab_size]
+    return torch.log_softmax(logits.float(), -1).clamp_min(-1e4)
+
+
+def test_trace_gives_each_models_logprob_and_argmax_of_every_token(tiny_family):
+    knobs = {"helpful": 0.7, "harmless": 0.3}
+
+    async def go():
+        engine = await started(tiny_family)
+        try:
+            gen = await collect_traces(
+                engine,
+                request(
+                    tiny_family,
+                    "g",
+                    PROMPTS[1],
+                    knobs,
+                    max_tokens=5,
+                    ignore_eos=True,
+                    trace=True,
+                    temperature=1.0,
+                    seed=4,
+                ),
+            )
+            echo = await collect_traces(
+                engine,
+                request(
+                    tiny_family, "e", PROMPTS[0], knobs, max_tokens=0, prompt_logprobs=0, trace=True
+                ),
+            )
+            return gen, echo
+        finally:
+            await engine.shutdown()
+
+    async def collect_traces(engine, req):
+        tokens, traces, prompt = [], [], None
+        async for ev in engine.submit(req):
+            tokens += ev.token_ids
+            traces += ev.trace or []
+            prompt = ev.prompt_trace or prompt
+        return tokens, traces, prompt
+
+    (tokens, traces, _), (_, _, prompt_trace) = run(go())
+    comp = make_composition(tiny_family, None, knobs)
+    ids = tiny_family.tokenizer.encode(PROMPTS[1])
+    seq = ids + tokens
+    assert [t.token_id for t in traces] == tokens
+    ref = reference_logprobs(tiny_family, comp.coeffs, seq)
+    for name in comp.coeffs:
+        lp = model_logprobs(tiny_family, name, seq)
+        for j, tr in enumerate(traces):
+            pos = len(ids) - 1 + j
+            assert abs(tr.models[name] - lp[pos, tokens[j]].item()) < 1e-4
+            assert tr.argmax[name] == int(lp[pos].argmax())
+            assert abs(tr.logprob - ref[pos, tokens[j]].item()) < 1e-4
+    # Echo scoring: every prompt token after the first is traced the same way.
+    pids = tiny_family.tokenizer.encode(PROMPTS[0])
+    assert prompt_trace[0] is None and len(prompt_trace) == len(pids)
+    lp = model_logprobs(tiny_family, "helpful", pids)
+    for j, tr in enumerate(prompt_trace[1:]):
+        assert tr.token_id == pids[j + 1]
+        assert abs(tr.models["helpful"] - lp[j, pids[j + 1]].item()) < 1e-4
