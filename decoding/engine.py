@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .composition import combine, log_probs
+from .composition import log_probs
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .family import Family
@@ -42,11 +42,9 @@ from .request import (
     SamplingParams,
     SequenceOutput,
     StepStats,
-    TokenLogprob,
-    TokenTrace,
 )
 from .runner import ModelRunner
-from .sampler import Part, Sampler
+from .sampler import Part, Sampler, prompt_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import RequestState, Sequence
 
@@ -310,7 +308,15 @@ class Engine:
             joined: list[Sequence] = []
             for state in done:
                 if state.params.prompt_logprobs is not None:
-                    state.prompt_lp, state.prompt_trace = self._prompt_logprobs(state, full)
+                    lps = {m: full[(m, id(state))] for m in state.models}
+                    state.prompt_lp, state.prompt_trace = prompt_logprobs(
+                        state.req.prompt_ids[state.models[0]],
+                        state.req.composition.coeffs,
+                        lps,
+                        state.params,
+                        self.vocab_size,
+                        self.device,
+                    )
                 self.scheduler.drop_prefilling(state)
                 if state.params.max_tokens == 0:
                     events += self._finish_unstarted(state, "length")
@@ -408,41 +414,6 @@ class Engine:
             if s.index == s.params.n - 1:
                 s.request.last_logits = {}
         return parts
-
-    def _prompt_logprobs(self, state: RequestState, full: dict) -> tuple[list, list | None]:
-        """Log-prob of every prompt token under the composed distribution (echo scoring), and
-        its trace when asked for; the first token has neither."""
-        coeffs = state.req.composition.coeffs
-        ids = state.req.prompt_ids[state.models[0]]
-        t = len(ids)
-        rows = torch.arange(t, device=self.device)
-        lps = {
-            m: log_probs(full[(m, id(state))].to(self.device), self.vocab_size)
-            for m in state.models
-        }
-        composed = combine(
-            t,
-            [(rows, torch.full((t,), coeffs[m], device=self.device), lp) for m, lp in lps.items()],
-        )
-        k = state.params.prompt_logprobs or 0
-        target = torch.tensor(ids[1:], device=self.device).unsqueeze(-1)
-        chosen = composed[:-1].gather(1, target).squeeze(-1).tolist()
-        top_v, top_i = composed[:-1].topk(max(k, 1), dim=-1)
-        top_v, top_i = top_v[:, :k].tolist(), top_i[:, :k].tolist()
-        out: list[TokenLogprob | None] = [None]
-        for j, tok in enumerate(ids[1:]):
-            out.append(TokenLogprob(tok, chosen[j], list(zip(top_i[j], top_v[j]))))
-        if not state.params.trace:
-            return out, None
-        per_model = {m: lp[:-1].gather(1, target).squeeze(-1).tolist() for m, lp in lps.items()}
-        best = {m: lp[:-1].argmax(-1).tolist() for m, lp in lps.items()}
-        trace: list[TokenTrace | None] = [None]
-        for j, tok in enumerate(ids[1:]):
-            trace.append(TokenTrace(
-                tok, chosen[j], {m: v[j] for m, v in per_model.items()},
-                {m: v[j] for m, v in best.items()},
-            ))  # fmt: skip
-        return out, trace
 
     # ---------------------------------------------------------------- decode
 

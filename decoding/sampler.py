@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .composition import BatchFilters, combine
-from .request import TokenLogprob, TokenTrace
+from .composition import BatchFilters, combine, log_probs
+from .request import SamplingParams, TokenLogprob, TokenTrace
 from .sequence import Sequence
 
 GREEDY_BELOW = 1e-5  # temperatures below this are greedy (vLLM's threshold)
@@ -293,3 +293,39 @@ class Sampler:
         for i, (lps, best) in per_row.items():
             out[i] = TokenTrace(token_list[i], chosen[i], lps, best)
         return out
+
+
+def prompt_logprobs(
+    ids: list[int],
+    coeffs: dict[str, float],
+    logits: dict[str, torch.Tensor],
+    params: SamplingParams,
+    vocab: int,
+    device: torch.device,
+) -> tuple[list[TokenLogprob | None], list[TokenTrace | None] | None]:
+    """Echo scoring: every prompt token's log-prob under the composed distribution (and its
+    trace when asked for) from each model's all-position `logits` [T, V]; the first token has
+    neither."""
+    t = len(ids)
+    rows = torch.arange(t, device=device)
+    lps = {m: log_probs(x.to(device), vocab) for m, x in logits.items()}
+    composed = combine(
+        t, [(rows, torch.full((t,), coeffs[m], device=device), lp) for m, lp in lps.items()]
+    )
+    k = params.prompt_logprobs or 0
+    target = torch.tensor(ids[1:], device=device).unsqueeze(-1)
+    chosen = composed[:-1].gather(1, target).squeeze(-1).tolist()
+    top_v, top_i = composed[:-1].topk(max(k, 1), dim=-1)
+    top_v, top_i = top_v[:, :k].tolist(), top_i[:, :k].tolist()
+    out: list[TokenLogprob | None] = [None]
+    for j, tok in enumerate(ids[1:]):
+        out.append(TokenLogprob(tok, chosen[j], list(zip(top_i[j], top_v[j]))))
+    if not params.trace:
+        return out, None
+    per_model = {m: lp[:-1].gather(1, target).squeeze(-1).tolist() for m, lp in lps.items()}
+    best = {m: lp[:-1].argmax(-1).tolist() for m, lp in lps.items()}
+    trace: list[TokenTrace | None] = [None]
+    for j, tok in enumerate(ids[1:]):
+        models = {m: v[j] for m, v in per_model.items()}
+        trace.append(TokenTrace(tok, chosen[j], models, {m: v[j] for m, v in best.items()}))
+    return out, trace
