@@ -91,6 +91,11 @@ class Engine:
         self.runners = {
             name: ModelRunner(m, self.config.max_batch_size) for name, m in family.models.items()
         }
+        checked = set()
+        for runner in self.runners.values():  # once per set of weights
+            if id(runner.module) not in checked:
+                runner.self_check()
+                checked.add(id(runner.module))
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
         )

@@ -241,6 +241,48 @@ class ModelRunner:
     def nbytes(self) -> int:
         return self.cache.nbytes()
 
+    @torch.inference_mode()
+    def self_check(self) -> None:
+        """Refuse a model whose forward over KV slots differs from its own full forward.
+
+        Two prompts of different lengths, each prefilled in two chunks (the second chunks
+        ragged, in one forward), then decode steps: an architecture that ignores our masks or
+        keeps state outside the cache shows up here as a mismatch, not as wrong tokens later.
+        """
+        if len(self.lengths) < 2:
+            return
+        vocab = self.module.get_input_embeddings().weight.shape[0]
+        gen = torch.Generator().manual_seed(0)
+        seqs = [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in (4, 7)]
+        slots = [self.allocate(), self.allocate()]
+        try:
+            self.prefill([slots[0]], [seqs[0][:2]])
+            self.prefill([slots[1]], [seqs[1][:3]])
+            logits = self.prefill(slots, [seqs[0][2:], seqs[1][3:]])  # ragged continuations
+            worst = 0.0
+            for step in range(3):
+                for i, ids in enumerate(seqs):
+                    full = self.module(input_ids=torch.tensor([ids], device=self.device))
+                    want = torch.log_softmax(full.logits[0, -1].float(), -1)
+                    got = torch.log_softmax(logits[i].float().to(want.device), -1)
+                    worst = max(worst, (got - want).abs().max().item())
+                if step == 2:
+                    break
+                tokens = [int(x.argmax()) for x in logits]
+                for ids, t in zip(seqs, tokens):
+                    ids.append(t)
+                logits = self.decode(slots, torch.tensor(tokens))
+        finally:
+            for s in slots:
+                self.free(s)
+        tolerance = 1e-3 if self.dtype == torch.float32 else 0.25
+        if not worst <= tolerance:
+            name = getattr(self.module.config, "model_type", type(self.module).__name__)
+            raise UnsupportedModelError(
+                f"{name}: its forward over eft-serve's KV slots differs from its own full "
+                f"forward (log-prob difference {worst:.3g}); this architecture is not supported"
+            )
+
     # ------------------------------------------------------------------ forwards
 
     @torch.inference_mode()

@@ -88,3 +88,15 @@ def test_buffers_are_released_when_the_last_sequence_leaves():
     assert r.nbytes() > 0
     r.free(s)
     assert r.nbytes() == 0 and r.num_tokens() == 0
+
+
+def test_self_check_refuses_a_model_that_ignores_the_slot_masks():
+    from decoding.runner import UnsupportedModelError
+
+    r = runner("llama")
+    r.self_check()  # a supported architecture passes and leaves no slot behind
+    assert not r.active and r.nbytes() == 0
+    r._masks = lambda q_pos, valid, width: None  # as a model that builds its own masks would
+    with pytest.raises(UnsupportedModelError, match="differs from its own full forward"):
+        r.self_check()
+    assert not r.active
