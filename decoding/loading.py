@@ -13,6 +13,7 @@ traceback goes to the debug log.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,12 @@ def load_failure(entry: str, what: str, exc: BaseException) -> FamilyError:
 
 
 def check_exists(entry: str, ckpt: Checkpoint) -> None:
+    """Answer the common mistakes in one line before transformers gets to them."""
+    if ckpt.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise FamilyError(
+            f"model {entry!r}: loading the GGUF file {ckpt.gguf_file!r} needs the Python package "
+            "'gguf' (pip install gguf, or reinstall eft-serve with its dependencies)"
+        )
     path = Path(ckpt.path).expanduser()
     if not path.exists():
         if _looks_local(ckpt.path):
