@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from fetch_weights import GEMMA3, SMOLLM2, cache_dir  # tests/ is on sys.path under pytest
 
-pytestmark = pytest.mark.real_weights
+# Loading and dequantising a GGUF file takes minutes on a small, shared CPU.
+pytestmark = [pytest.mark.real_weights, pytest.mark.timeout(1800)]
 
 
 def checkpoint(name: str) -> Path:
