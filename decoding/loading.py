@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,9 @@ def load_adapter(entry: str, adapter: str, of: torch.nn.Module) -> torch.nn.Modu
     shared = {id(t): t for t in (*of.parameters(), *of.buffers())}
     skeleton = copy.deepcopy(of, memo=shared)
     try:
-        peft_model = PeftModel.from_pretrained(skeleton, adapter, is_trainable=False)
+        with warnings.catch_warnings():  # PEFT calls APIs transformers 5 marks as deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(skeleton, adapter, is_trainable=False)
     except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
         raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
     # The plain transformers model with the LoRA layers inside: the engine calls it like any other.

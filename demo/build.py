@@ -490,7 +490,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default demo/family)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="scaled-down build (tests, smoke checks)")

@@ -29,12 +29,22 @@ def default_config() -> Path:
     return Path(demo.__file__).resolve().parent / "family" / "family.yaml"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds an option's default to its help unless the help already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eft-serve",
         description="OpenAI-compatible server for emulated fine-tuning: a large base model "
         "steered per request by small fine-tuned experts (the `eft` knobs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--config", default=None,
                    help="family YAML (docs/family.md); default: the embedded demo family "
@@ -66,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-waiting", type=int, default=128,
                    help="requests queued for a batch slot; beyond it requests get 429")
     p.add_argument("--max-prefill-tokens", type=int, default=None,
-                   help="prompt tokens prefilled per step (longer prompts are chunked)")
+                   help="prompt tokens prefilled per step (longer prompts are chunked; "
+                        "default: the engine's own budget)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads torch may use per operation (default: torch's own, one "
                         "per core). 1 is much faster for small models on a shared machine")
