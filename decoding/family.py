@@ -337,7 +337,9 @@ def _loaded(
     dtype: torch.dtype,
     chat_template: str,
 ) -> LoadedModel:
-    max_positions = getattr(module.config, "max_position_embeddings", None)
+    # Image-text checkpoints (Gemma-3 4B+) keep the language model's limits in a text config.
+    text_config = module.config.get_text_config()
+    max_positions = getattr(text_config, "max_position_embeddings", None)
     return LoadedModel(
         name=name,
         module=module,
