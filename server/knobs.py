@@ -27,8 +27,14 @@ def model_ids(family: Any) -> list[str]:
 
 
 def resolve_model(family: Any, model_id: str) -> str | None:
-    """None for the EFT composition, else the single model's name; 404 for anything else."""
+    """None for the EFT composition, else the single model's name; 404 for anything else.
+
+    A family of one model also answers to the path or hub id it was loaded from, as vLLM's
+    `--model Qwen/Qwen2.5-0.5B-Instruct` answers to `"model": "Qwen/Qwen2.5-0.5B-Instruct"`.
+    """
     if model_id == family.name:
+        return None
+    if len(family.models) == 1 and model_id == family.config.models[family.config.base].path:
         return None
     prefix = f"{family.name}/"
     if model_id.startswith(prefix) and model_id[len(prefix) :] in family.models:

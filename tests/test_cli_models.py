@@ -63,6 +63,9 @@ def test_model_alone_serves_the_openai_api(single):
         client.completions.create(model="solo", prompt="river", max_tokens=4,
                                   extra_body={"eft": {"helpful": 1}})  # fmt: skip
     assert err.value.body["param"] == "eft.helpful"
+    # as vLLM, the model also answers to the path it was started with
+    path = single.cmd[single.cmd.index("--model") + 1]
+    assert client.completions.create(model=path, prompt="river", max_tokens=2).model
 
 
 def test_max_model_len_is_the_context_limit(single):
