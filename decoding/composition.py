@@ -1,4 +1,4 @@
-"""Knobs -> coefficient vector, and the weighted log-prob sum that is EFT (DESIGN §1).
+"""Knobs -> coefficient vector, and the weighted log-prob sum that is EFT (docs/math.md).
 
 A composition is a coefficient per model: `log p~ = sum_m c_m * lp_m` with c_base = 1,
 c_expert = w_expert and c_reference = -sum(w). Serving one model alone is the composition
@@ -33,7 +33,8 @@ def make_composition(
     """Validate a request's knobs and turn them into a `Composition`.
 
     `model=None` is the family's EFT composition; a model name serves that model alone (knobs
-    are then refused). Expert weights default to the family's `defaults` only when the request
+    are then refused). A family without experts (one model alone) composes to its base.
+    Expert weights default to the family's `defaults` only when the request
     names no expert; named ones make the others 0. Raises `RequestValidationError` (param set).
     """
     cfg = family.config
@@ -57,7 +58,7 @@ def make_composition(
         if name not in cfg.experts and name not in FILTER_KEYS:
             raise RequestValidationError(
                 f"unknown EFT knob {key!r}: the experts of '{cfg.name}' are "
-                f"{', '.join(cfg.experts)}; filters are {', '.join(FILTER_KEYS)}",
+                f"{', '.join(cfg.experts) or '(none)'}; filters are {', '.join(FILTER_KEYS)}",
                 param=param,
             )
         if name in weights or name in filters:

@@ -32,6 +32,7 @@ import torch
 from .composition import log_probs
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .errors import FamilyError
 from .family import Family
 from .request import (
     Composition,
@@ -43,7 +44,7 @@ from .request import (
     SequenceOutput,
     StepStats,
 )
-from .runner import ModelRunner
+from .runner import ModelRunner, UnsupportedModelError
 from .sampler import Part, Sampler, prompt_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import RequestState, Sequence
@@ -88,14 +89,16 @@ class Engine:
         self._dead: str | None = None
         # Everything below belongs to the engine thread.
         self.scheduler = Scheduler(self.config)
-        self.runners = {
-            name: ModelRunner(m, self.config.max_batch_size) for name, m in family.models.items()
-        }
-        checked = set()
-        for runner in self.runners.values():  # once per set of weights
-            if id(runner.module) not in checked:
-                runner.self_check()
-                checked.add(id(runner.module))
+        self.runners: dict[str, ModelRunner] = {}
+        checked: set[int] = set()
+        for name, model in family.models.items():
+            try:
+                self.runners[name] = runner = ModelRunner(model, self.config.max_batch_size)
+                if id(runner.module) not in checked:  # once per set of weights
+                    runner.self_check()
+                    checked.add(id(runner.module))
+            except UnsupportedModelError as exc:
+                raise FamilyError(f"model {name!r}: {exc}") from exc
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
         )

@@ -1,9 +1,13 @@
-"""A model family: its YAML config, its loaded models, and the one tokenizer they share.
+"""A model family: its YAML config, its loaded models, and the vocabulary they share.
 
-EFT combines log-probabilities token by token, so every model must index the same vocabulary.
-`load_family` checks that at startup (vocabulary and special tokens of every model's tokenizer),
-cuts logits of models with padded embedding matrices to the shared width, and takes the
-family's context limit as the smallest `max_position_embeddings`.
+EFT combines log-probabilities token by token, so every model must map every token string to
+the same id. `load_family` checks that at startup, comparing vocabularies rather than special
+tokens (a base and its instruct checkpoint declare different BOS/EOS), cuts every model's
+logits to the shared part (a strict-prefix vocabulary, a padded embedding matrix), takes the
+union of the models' EOS ids as the ids that end generation, and takes the context limit as the
+smallest `max_position_embeddings` (or `max_model_len`). A family may hold a single model.
+Entries naming the same checkpoint share one module, and an adapter entry shares its model's
+weights (see `decoding.loading`).
 """
 
 from __future__ import annotations
@@ -17,22 +21,29 @@ from typing import Any, Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
+
+from . import loading
+from .errors import FamilyError
+from .loading import DTYPES, Checkpoint
+
+__all__ = ["DTYPES", "FILTER_KEYS", "Family", "FamilyConfig", "FamilyError", "LoadedModel"]
 
 log = logging.getLogger(__name__)
 
 FILTER_KEYS = ("base_top_p", "plausibility")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class FamilyError(Exception):
-    """The family cannot be loaded (bad config, missing model, tokenizers that differ)."""
 
 
 class ModelSpec(BaseModel):
+    """One entry of `models:`: a checkpoint (`path`), or a LoRA `adapter` over another entry."""
+
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="local directory, hub id, or directory holding `gguf_file`")
+    path: str | None = Field(
+        None, description="local directory, hub id, a .gguf file, or the folder of `gguf_file`"
+    )
+    adapter: str | None = Field(None, description="PEFT LoRA adapter directory (needs `of`)")
+    of: str | None = Field(None, description="the entry whose weights the adapter applies to")
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
     device: str | None = Field(None, description="cpu | cuda | cuda:N | auto (device_map=auto)")
     gguf_file: str | None = None
@@ -48,28 +59,56 @@ class ModelSpec(BaseModel):
             return v
         raise ValueError(f"device must be cpu, cuda, cuda:N or auto, not {v!r}")
 
+    @model_validator(mode="after")
+    def _source(self) -> ModelSpec:
+        if (self.path is None) == (self.adapter is None):
+            raise ValueError("give exactly one of `path` (a model) and `adapter` (with `of`)")
+        if self.adapter is not None:
+            if self.of is None:
+                raise ValueError("an `adapter` needs `of`: the entry whose weights it adapts")
+            extra = [k for k in ("dtype", "device", "gguf_file", "revision") if getattr(self, k)]
+            if extra:
+                raise ValueError(
+                    f"an adapter runs on the weights of its `of` entry; set {', '.join(extra)} "
+                    "there"
+                )
+        elif self.of is not None:
+            raise ValueError("`of` belongs to an `adapter` entry")
+        return self
+
 
 class FamilyConfig(BaseModel):
-    """The family YAML (DESIGN §3)."""
+    """The family YAML (docs/family.md). Only `name`, `models` and `base` are required."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
-    models: dict[str, ModelSpec]
+    models: dict[str, ModelSpec] = Field(min_length=1)
     base: str
-    reference: str
-    experts: list[str] = Field(min_length=1)
+    reference: str | None = None
+    experts: list[str] = Field(default_factory=list)
     defaults: dict[str, float] = Field(default_factory=dict)
     max_weight: float = Field(4.0, gt=0, description="upper bound of an expert weight")
+    stop_token_ids: list[int] | None = Field(
+        None, description="ids that end generation; default: every model's EOS ids"
+    )
+    max_model_len: int | None = Field(
+        None, ge=1, description="cap on prompt + output tokens; default: the models' limit"
+    )
 
     @model_validator(mode="after")
     def _roles(self) -> FamilyConfig:
         names = set(self.models)
         for field_name, value in (("base", self.base), ("reference", self.reference)):
-            if value not in names:
+            if value is not None and value not in names:
                 raise ValueError(f"{field_name}: {value!r} is not one of models {sorted(names)}")
+        if self.experts and self.reference is None:
+            raise ValueError("experts need a `reference`: the model they were fine-tuned from")
         if self.base == self.reference:
-            raise ValueError("base and reference must be different models")
+            raise ValueError(
+                "base and reference must be different entries (list one checkpoint under two "
+                "names to use it in both roles: the entries share its weights)"
+            )
         if len(set(self.experts)) != len(self.experts):
             raise ValueError("experts: names repeat")
         for e in self.experts:
@@ -77,11 +116,19 @@ class FamilyConfig(BaseModel):
                 raise ValueError(f"experts: {e!r} is not one of models {sorted(names)}")
             if e in (self.base, self.reference):
                 raise ValueError(f"experts: {e!r} is also the base or the reference")
+        for name, spec in self.models.items():
+            if spec.of is not None:
+                if spec.of not in names:
+                    raise ValueError(f"models.{name}.of: {spec.of!r} is not one of the models")
+                if self.models[spec.of].adapter is not None:
+                    raise ValueError(f"models.{name}.of: {spec.of!r} is itself an adapter")
         for key, value in self.defaults.items():
             if key not in self.experts and key not in FILTER_KEYS:
                 raise ValueError(f"defaults: {key!r} is neither an expert nor one of {FILTER_KEYS}")
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"defaults: {key} must be a finite number >= 0")
+        if self.stop_token_ids is not None and any(i < 0 for i in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be token ids >= 0")
         return self
 
     @classmethod
@@ -101,33 +148,59 @@ class FamilyConfig(BaseModel):
             )
             raise FamilyError(f"invalid family config {path}: {errs}") from exc
         for spec in cfg.models.values():
-            local = path.parent / spec.path
-            if not Path(spec.path).is_absolute() and local.exists():
-                spec.path = str(local.resolve())
+            for attr in ("path", "adapter"):
+                value = getattr(spec, attr)
+                if value is not None and not Path(value).is_absolute():
+                    local = path.parent / value
+                    if local.exists():
+                        setattr(spec, attr, str(local.resolve()))
         return cfg
+
+    @classmethod
+    def single(
+        cls, path: str, gguf_file: str | None = None, name: str | None = None, **spec: Any
+    ) -> FamilyConfig:
+        """A family of one model (`eft-serve --model PATH`): no knobs, the model alone."""
+        name = name or served_name(path, gguf_file)
+        try:
+            return cls(
+                name=name,
+                models={name: ModelSpec(path=path, gguf_file=gguf_file, **spec)},
+                base=name,
+            )
+        except ValidationError as exc:
+            raise FamilyError(f"--model {path}: {exc.errors()[0]['msg']}") from exc
+
+
+def served_name(path: str, gguf_file: str | None = None) -> str:
+    """The id a single model is served under: its file or folder name, without `.gguf`."""
+    leaf = Path(gguf_file or path.rstrip("/")).name.removesuffix(".gguf")
+    clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in leaf).strip(".-")
+    return clean or "model"
 
 
 @dataclass
 class LoadedModel:
     name: str
-    module: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase  # this model's own (for its chat template)
+    module: torch.nn.Module  # shared between entries of the same checkpoint
+    tokenizer: PreTrainedTokenizerBase  # this model's own (its BOS and chat template)
     input_device: torch.device
     output_device: torch.device
     dtype: torch.dtype
     num_params: int
     max_positions: int
     chat_template: str
+    shares_weights_with: str | None = None  # the entry whose loaded module this one uses
 
 
 @dataclass
 class Family:
     config: FamilyConfig
     models: dict[str, LoadedModel]
-    tokenizer: PreTrainedTokenizerBase  # shared: encode / decode
+    tokenizer: PreTrainedTokenizerBase  # the base's: encode / decode
     vocab_size: int  # shared width every model's logits are cut to
     context_limit: int
-    eos_token_ids: frozenset[int]
+    eos_token_ids: frozenset[int]  # every id that ends generation
     device: torch.device  # where log-probs are combined and sampled (the base's output device)
 
     @property
@@ -157,130 +230,185 @@ def render_chat(model: LoadedModel, messages: list[dict[str, Any]]) -> list[int]
     return list(out)
 
 
-def _resolve_device(spec: ModelSpec, override: str | None) -> str:
-    device = override or spec.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _resolve_dtype(spec: ModelSpec, override: str | None, device: str) -> torch.dtype:
-    name = override or spec.dtype or ("float32" if device == "cpu" else "bfloat16")
-    if name not in DTYPES:
-        raise FamilyError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}")
-    return DTYPES[name]
-
-
-def _load_model(
-    name: str, spec: ModelSpec, device_override: str | None, dtype_override: str | None
-) -> LoadedModel:
-    device = _resolve_device(spec, device_override)
-    dtype = _resolve_dtype(spec, dtype_override, device)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    if device == "auto":
-        kwargs["device_map"] = "auto"
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            spec.path, **{k: v for k, v in kwargs.items() if k in ("gguf_file", "revision")}
-        )
-        module = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise FamilyError(f"model {name!r}: cannot load {spec.path!r}: {exc}") from exc
-    if device != "auto":
-        module.to(device)
-    module.eval()
-    module.requires_grad_(False)
-    input_device = module.get_input_embeddings().weight.device
-    output_device = module.get_output_embeddings().weight.device
-    cfg = module.config
-    max_positions = getattr(cfg, "max_position_embeddings", None) or tokenizer.model_max_length
-    return LoadedModel(
-        name=name,
-        module=module,
-        tokenizer=tokenizer,
-        input_device=input_device,
-        output_device=output_device,
-        dtype=dtype,
-        num_params=sum(p.numel() for p in module.parameters()),
-        max_positions=int(min(max_positions, 1 << 30)),
-        chat_template=spec.chat_template,
-    )
-
-
-def check_same_tokenizer(models: dict[str, LoadedModel]) -> None:
-    """Refuse a family whose models index different vocabularies or special tokens."""
-    items = list(models.items())
-    first_name, first = items[0]
-    ref_vocab = first.tokenizer.get_vocab()
-    ref_special = _special_ids(first.tokenizer)
-    for name, m in items[1:]:
-        vocab = m.tokenizer.get_vocab()
-        if vocab != ref_vocab:
-            diff = sorted(set(vocab.items()) ^ set(ref_vocab.items()), key=lambda kv: kv[1])[:3]
-            raise FamilyError(
-                f"models {first_name!r} and {name!r} have different vocabularies "
-                f"({len(ref_vocab)} vs {len(vocab)} tokens; first differences {diff}); "
-                "EFT needs one shared tokenizer"
-            )
-        special = _special_ids(m.tokenizer)
-        if special != ref_special:
-            raise FamilyError(
-                f"models {first_name!r} and {name!r} have different special tokens "
-                f"({ref_special} vs {special}); EFT needs one shared tokenizer"
-            )
-
-
-def _special_ids(tok: PreTrainedTokenizerBase) -> dict[str, int | None]:
-    return {k: getattr(tok, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk")}
-
-
 def load_family(
     config: FamilyConfig | str | Path,
     device: str | None = None,
     dtype: str | None = None,
+    max_model_len: int | None = None,
 ) -> Family:
     """Load every model of the family and check that they can be combined.
 
-    `device`/`dtype` override every model's own setting (the CLI's --device/--dtype).
+    `device`/`dtype` override every model's own setting (the CLI's --device/--dtype);
+    `max_model_len` caps the context (the CLI's --max-model-len; default: the config's).
     """
     if not isinstance(config, FamilyConfig):
         config = FamilyConfig.from_yaml(config)
     # Base first, then reference and experts: the order logs and metrics list them in.
-    order = [config.base, config.reference, *config.experts]
+    order = [config.base, *([config.reference] if config.reference else []), *config.experts]
     order += [n for n in config.models if n not in order]
-    models = {}
-    for name in order:
-        models[name] = _load_model(name, config.models[name], device, dtype)
+    modules: dict[Checkpoint, LoadedModel] = {}
+    tokenizers: dict[tuple[str, str | None, str | None], PreTrainedTokenizerBase] = {}
+    models: dict[str, LoadedModel] = {}
+    # Adapters load after the entries they adapt (a stable sort keeps the rest in order).
+    for name in sorted(order, key=lambda n: config.models[n].adapter is not None):
+        spec = config.models[name]
+        if spec.adapter is not None:
+            models[name] = _load_adapter_entry(name, spec, models[spec.of])
+        else:
+            models[name] = _load_entry(name, spec, device, dtype, modules, tokenizers)
         m = models[name]
         log.info(
-            "loaded %s (%.1fM params, %s, %s) from %s",
+            "loaded %s (%.1fM params, %s, %s) from %s%s",
             name,
             m.num_params / 1e6,
             m.input_device,
             str(m.dtype).removeprefix("torch."),
-            config.models[name].path,
+            spec.path or f"adapter {spec.adapter} over {spec.of}",
+            f" [shares the weights of {m.shares_weights_with}]" if m.shares_weights_with else "",
         )
-    check_same_tokenizer(models)
-    tokenizer = models[config.base].tokenizer
-    widths = {n: m.module.get_output_embeddings().weight.shape[0] for n, m in models.items()}
-    vocab_size = min(len(tokenizer), *widths.values())
-    eos = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    for m in models.values():
-        gen_eos = getattr(getattr(m.module, "generation_config", None), "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            eos.add(gen_eos)
-        elif gen_eos:
-            eos.update(gen_eos)
+    models = {n: models[n] for n in order}
+    vocab_size = shared_vocab_size(models)
+    limit = min(m.max_positions for m in models.values())
+    cap = max_model_len or config.max_model_len
+    if cap is not None:
+        if cap > limit:
+            raise FamilyError(
+                f"max_model_len {cap} exceeds the family's context limit {limit} (the smallest "
+                "max_position_embeddings of its models)"
+            )
+        limit = cap
+    base = models[config.base]
     return Family(
         config=config,
         models=models,
-        tokenizer=tokenizer,
+        tokenizer=base.tokenizer,
         vocab_size=vocab_size,
-        context_limit=min(m.max_positions for m in models.values()),
-        eos_token_ids=frozenset(e for e in eos if e is not None and e < vocab_size),
-        device=models[config.base].output_device,
+        context_limit=limit,
+        eos_token_ids=stop_ids(config, models, vocab_size),
+        device=base.output_device,
     )
+
+
+def _load_entry(
+    name: str,
+    spec: ModelSpec,
+    device: str | None,
+    dtype: str | None,
+    modules: dict[Checkpoint, LoadedModel],
+    tokenizers: dict[tuple[str, str | None, str | None], PreTrainedTokenizerBase],
+) -> LoadedModel:
+    path, gguf_file = loading.split_gguf_path(spec.path, spec.gguf_file)
+    dev = loading.resolve_device(device or spec.device)
+    ckpt = Checkpoint(
+        path=path,
+        gguf_file=gguf_file,
+        revision=spec.revision,
+        dtype=loading.resolve_dtype(dtype or spec.dtype, dev),
+        device=dev,
+    )
+    owner = modules.get(ckpt)
+    if owner is None:
+        loading.check_exists(name, ckpt)
+    key = (ckpt.path, ckpt.gguf_file, ckpt.revision)
+    if key not in tokenizers:
+        tokenizers[key] = loading.load_tokenizer(name, ckpt)
+    tokenizer = tokenizers[key]
+    module = owner.module if owner else loading.load_module(name, ckpt)
+    loaded = _loaded(name, module, tokenizer, ckpt.dtype, spec.chat_template)
+    if owner is None:
+        modules[ckpt] = loaded
+    else:
+        loaded.shares_weights_with = owner.name
+    return loaded
+
+
+def _load_adapter_entry(name: str, spec: ModelSpec, of: LoadedModel) -> LoadedModel:
+    module = loading.load_adapter(name, spec.adapter, of.module)
+    tokenizer = loading.adapter_tokenizer(name, spec.adapter, of.tokenizer)
+    loaded = _loaded(name, module, tokenizer, of.dtype, spec.chat_template)
+    loaded.shares_weights_with = of.name
+    return loaded
+
+
+def _loaded(
+    name: str,
+    module: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dtype: torch.dtype,
+    chat_template: str,
+) -> LoadedModel:
+    # Image-text checkpoints (Gemma-3 4B+) keep the language model's limits in a text config.
+    text_config = module.config.get_text_config()
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    return LoadedModel(
+        name=name,
+        module=module,
+        tokenizer=tokenizer,
+        input_device=module.get_input_embeddings().weight.device,
+        output_device=module.get_output_embeddings().weight.device,
+        dtype=dtype,
+        num_params=sum(p.numel() for p in module.parameters()),
+        max_positions=int(min(max_positions or tokenizer.model_max_length, 1 << 30)),
+        chat_template=chat_template,
+    )
+
+
+def shared_vocab_size(models: dict[str, LoadedModel]) -> int:
+    """The number of leading token ids every model of the family reads the same way.
+
+    Every token id below the result means the same string to every model's tokenizer and has a
+    row in every model's output embedding. Tokens past it (a strict-prefix vocabulary, added
+    tokens, padded embedding rows) are cut. Two models that read one id as different strings
+    are a `FamilyError` naming both models and the first differing token.
+    """
+    tables = {name: _id_table(m.tokenizer) for name, m in models.items()}
+    widths = {n: m.module.get_output_embeddings().weight.shape[0] for n, m in models.items()}
+    first_name, first = next(iter(tables.items()))
+    for name, table in tables.items():
+        n = min(len(first), len(table))
+        if first[:n] != table[:n]:
+            i = next(i for i in range(n) if first[i] != table[i])
+            raise FamilyError(
+                f"models {first_name!r} and {name!r} have different vocabularies: token id {i} "
+                f"is {first[i]!r} in {first_name!r} but {table[i]!r} in {name!r}; EFT needs "
+                "models that map every token to the same id"
+            )
+    size = min(*(len(t) for t in tables.values()), *widths.values())
+    for name, table in tables.items():
+        if len(table) > size:
+            log.info(
+                "model %s: token ids >= %d (%d tokens, e.g. %r) are outside the family's "
+                "shared vocabulary and are never sampled",
+                name,
+                size,
+                len(table) - size,
+                table[size],
+            )
+    return size
+
+
+def _id_table(tok: PreTrainedTokenizerBase) -> list[str | None]:
+    vocab = tok.get_vocab()
+    table: list[str | None] = [None] * (max(vocab.values(), default=-1) + 1)
+    for token, i in vocab.items():
+        table[i] = token
+    return table
+
+
+def stop_ids(config: FamilyConfig, models: dict[str, LoadedModel], vocab_size: int) -> frozenset:
+    """The ids that end generation: the config's `stop_token_ids`, else the union of every
+    model's EOS and its generation config's `eos_token_id` (Llama-3 instruct lists three)."""
+    if config.stop_token_ids is not None:
+        outside = [i for i in config.stop_token_ids if i >= vocab_size]
+        if outside:
+            raise FamilyError(
+                f"stop_token_ids {outside} are outside the shared vocabulary (size {vocab_size})"
+            )
+        return frozenset(config.stop_token_ids)
+    ids: set[int] = set()
+    for m in models.values():
+        if m.tokenizer.eos_token_id is not None:
+            ids.add(m.tokenizer.eos_token_id)
+        gen = getattr(getattr(m.module, "generation_config", None), "eos_token_id", None)
+        ids.update([gen] if isinstance(gen, int) else gen or [])
+    return frozenset(i for i in ids if i is not None and 0 <= i < vocab_size)

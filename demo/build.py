@@ -33,7 +33,7 @@ from demo.random_family import llama_config, train_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "family"
 # The documented conservative default for EFT up-scaling (contrastive decoding's plausibility
-# constraint, DESIGN §1): it removes tokens only the `- lp_reference` ratio likes.
+# constraint, docs/math.md): it removes tokens only the `- lp_reference` ratio likes.
 DEFAULT_PLAUSIBILITY = 0.3
 
 
@@ -363,6 +363,9 @@ def build(
         "corpus_docs": len(docs),
         "corpus_tokens": n_tokens,
         "vocab_size": len(tok),
+        # The weights are reproducible bit for bit only on the same CPU kind, torch build and
+        # thread count: float rounding depends on all three.
+        "environment": build_environment(),
         "models": {},
     }
     if reuse_bases is not None:
@@ -443,6 +446,30 @@ def _tail(losses: list[float], n: int = 20) -> float:
     return round(sum(losses[-n:]) / max(1, len(losses[-n:])), 4)
 
 
+def build_environment() -> dict:
+    """What a bit-for-bit rebuild must match: versions, CPU and torch threads."""
+    import platform
+
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def print_summary(summary: dict) -> None:
     print(
         f"\ncorpus: {summary['corpus_docs']} documents, {summary['corpus_tokens']} tokens; "
@@ -463,7 +490,7 @@ def print_summary(summary: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default demo/family)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tiny", action="store_true", help="scaled-down build (tests, smoke checks)")

@@ -257,7 +257,9 @@ def plot(result: dict[str, Any], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate the demo family through the HTTP API.")
+    p = argparse.ArgumentParser(
+        prog="python -m demo.eval", description="Evaluate the demo family through the HTTP API."
+    )
     p.add_argument("--url", help="a running eft-serve; without it one is started on a free port")
     p.add_argument(
         "--config", default=str(DEFAULT_CONFIG), help="family YAML (default demo/family)"

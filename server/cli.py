@@ -1,9 +1,10 @@
-"""`eft-serve`: load a family, start the engine, serve the OpenAI-compatible API (DESIGN §6).
+"""`eft-serve`: load a family, start the engine, serve the OpenAI-compatible API (README).
 
 With no `--config` it serves the embedded demo family (`demo/family/family.yaml` inside the
-installed `demo` package) on 127.0.0.1:8000. SIGTERM/SIGINT: uvicorn stops accepting
-connections, in-flight requests get `--shutdown-timeout` seconds to finish, then the lifespan
-shuts the engine down (aborting what is left) and the process exits 0.
+installed `demo` package) on 127.0.0.1:8000; `--model PATH` serves one model alone.
+SIGTERM/SIGINT: uvicorn stops accepting connections, in-flight requests get
+`--shutdown-timeout` seconds to finish, then the lifespan shuts the engine down (aborting
+what is left) and the process exits 0.
 """
 
 from __future__ import annotations
@@ -28,21 +29,43 @@ def default_config() -> Path:
     return Path(demo.__file__).resolve().parent / "family" / "family.yaml"
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds an option's default to its help unless the help already states one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eft-serve",
         description="OpenAI-compatible server for emulated fine-tuning: a large base model "
         "steered per request by small fine-tuned experts (the `eft` knobs).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--config", default=None,
-                   help="family YAML (DESIGN §3); default: the embedded demo family "
+                   help="family YAML (docs/family.md); default: the embedded demo family "
                         "(demo/family/family.yaml of the installed package)")
+    p.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help="serve this one model alone, no YAML: a local directory, a hub id or a "
+                        ".gguf file (instead of --config)")
+    p.add_argument("--gguf-file", default=None,
+                   help="with --model DIR_OR_ID: the GGUF file inside it to load")
+    p.add_argument("--served-model-name", default=None,
+                   help="with --model: the id /v1/models lists (default: the model's file or "
+                        "folder name)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="cap on prompt + output tokens per sequence (default: the family's "
+                        "max_model_len, else the smallest context of its models)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--api-key", default=os.environ.get("EFT_API_KEY"),
                    help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize "
-                        "(default: env EFT_API_KEY; unset = no auth)")
+                        "(default: env EFT_API_KEY; unset = no auth, logged as a warning; an "
+                        "empty key is refused)")
     p.add_argument("--device", default=None,
                    help="override every model's device: cpu, cuda, cuda:N or auto "
                         "(default: each model's own, else cuda when available)")
@@ -78,7 +101,7 @@ def _server_class(on_drain: Callable[[], None]) -> type:
 
     class Server(uvicorn.Server):
         """uvicorn re-raises a captured SIGTERM/SIGINT after its graceful shutdown, so the
-        process would die of the signal (exit -15); a clean drain must exit 0 (DESIGN §6)."""
+        process would die of the signal (exit -15); a clean drain must exit 0."""
 
         def handle_exit(self, sig: int, frame: object) -> None:
             if self.should_exit and sig == signal.SIGINT:
@@ -106,14 +129,26 @@ def main(argv: list[str] | None = None) -> int:
         print("eft-serve: --max-batch-size and --threads must be >= 1, --max-waiting >= 0",
               file=sys.stderr)
         return 2
+    if args.api_key is not None and not args.api_key.strip():
+        print("eft-serve: --api-key (or EFT_API_KEY) is set but empty; give a key, or unset it "
+              "to serve without authentication", file=sys.stderr)
+        return 2
+    if args.model and args.config or (args.gguf_file or args.served_model_name) and not args.model:
+        print("eft-serve: --model serves one model instead of --config; --gguf-file and "
+              "--served-model-name go with --model", file=sys.stderr)
+        return 2
+    if args.max_model_len is not None and args.max_model_len < 1:
+        print("eft-serve: --max-model-len must be >= 1", file=sys.stderr)
+        return 2
 
     config = Path(args.config) if args.config else default_config()
-    if not config.is_file():
+    if not args.model and not config.is_file():
         hint = ("the embedded demo family is not built into this install" if not args.config
                 else "no such file")
         print(f"eft-serve: {config}: {hint}.\n"
-              "Pass a family YAML with --config FILE (DESIGN §3: name, models, base, reference, "
-              "experts, defaults), e.g. build a tiny random one with\n"
+              "Pass a family YAML with --config FILE (docs/family.md: name, models, base, "
+              "reference, experts, defaults) or one model with --model PATH, e.g. build a tiny "
+              "random family with\n"
               "  python -c \"from demo.random_family import build_random_family as b; "
               "print(b('/tmp/tiny'))\"\n"
               "  eft-serve --config /tmp/tiny/family.yaml", file=sys.stderr)
@@ -123,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from decoding.engine import Engine, EngineConfig
-    from decoding.family import FamilyError, load_family
+    from decoding.family import FamilyConfig, FamilyError, load_family
     from server.app import ServerSettings, create_app
     from server.metrics import ServerMetrics
 
@@ -136,16 +171,18 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     try:
-        family = load_family(config, device=args.device, dtype=args.dtype)
+        if args.model:
+            config = FamilyConfig.single(args.model, args.gguf_file, args.served_model_name)
+        family = load_family(config, device=args.device, dtype=args.dtype,
+                             max_model_len=args.max_model_len)
+        metrics = ServerMetrics.for_family(family)
+        engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
+        if args.max_num_batched_tokens:
+            engine_cfg.max_num_batched_tokens = args.max_num_batched_tokens
+        engine = Engine(family, engine_cfg, on_step=metrics.on_step)  # refuses an architecture
     except FamilyError as exc:
         print(f"eft-serve: {exc}", file=sys.stderr)
         return 2
-
-    metrics = ServerMetrics.for_family(family)
-    engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
-    if args.max_num_batched_tokens:
-        engine_cfg.max_num_batched_tokens = args.max_num_batched_tokens
-    engine = Engine(family, engine_cfg, on_step=metrics.on_step)
     engine.start()
     settings = ServerSettings(api_key=args.api_key or None,
                               allow_negative_weights=args.allow_negative_weights,
@@ -156,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = family.config
     log.info("family %r from %s: base=%s reference=%s experts=%s defaults=%s context=%d",
-             cfg.name, config, cfg.base, cfg.reference, ",".join(cfg.experts), cfg.defaults,
-             family.context_limit)
+             cfg.name, args.model or config, cfg.base, cfg.reference, ",".join(cfg.experts),
+             cfg.defaults, family.context_limit)
     for name, m in family.models.items():
         log.info("  model %-16s %8s params  %-8s %s", name, _fmt_params(m.num_params),
                  str(m.dtype).removeprefix("torch."), m.input_device)
@@ -165,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving on http://%s:%d  (models: %s)%s", host, args.port,
              ", ".join([cfg.name, *(f"{cfg.name}/{m}" for m in family.models)]),
              "  [API key required]" if settings.api_key else "")
+    if not settings.api_key:
+        log.warning("no --api-key: the API is open to anyone who can reach %s:%d", host,
+                    args.port)
     if args.allow_negative_weights:
         log.warning("negative expert weights are allowed (--allow-negative-weights)")
 

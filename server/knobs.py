@@ -27,12 +27,18 @@ def model_ids(family: Any) -> list[str]:
 
 
 def resolve_model(family: Any, model_id: str) -> str | None:
-    """None for the EFT composition, else the single model's name; 404 for anything else."""
+    """None for the EFT composition, else the single model's name; 404 for anything else.
+
+    A family of one model also answers to the path or hub id it was loaded from, as vLLM's
+    `--model Qwen/Qwen2.5-0.5B-Instruct` answers to `"model": "Qwen/Qwen2.5-0.5B-Instruct"`.
+    """
     if model_id == family.name:
         return None
+    if len(family.models) == 1 and model_id == family.config.models[family.config.base].path:
+        return None
     prefix = f"{family.name}/"
-    if model_id.startswith(prefix) and model_id[len(prefix):] in family.models:
-        return model_id[len(prefix):]
+    if model_id.startswith(prefix) and model_id[len(prefix) :] in family.models:
+        return model_id[len(prefix) :]
     raise not_found_model(model_id, model_ids(family))
 
 
@@ -46,18 +52,22 @@ def normalise_knobs(family: Any, knobs: dict[str, float], allow_negative: bool) 
         if key not in experts and KNOB_ALIASES.get(key) in experts:
             name = KNOB_ALIASES[key]
             if name in knobs:
-                raise bad_request(f"eft.{key} is an alias of eft.{name}; give only one of them",
-                                  param=f"eft.{key}")
+                raise bad_request(
+                    f"eft.{key} is an alias of eft.{name}; give only one of them",
+                    param=f"eft.{key}",
+                )
         param = f"eft.{key}"
         if name in experts:
             if value < 0 and not allow_negative:
                 raise bad_request(
                     f"{param} must be >= 0: negative expert weights invert a fine-tuning and "
                     "are refused unless the server runs with --allow-negative-weights",
-                    param=param)
+                    param=param,
+                )
             if abs(value) > max_weight:
-                raise bad_request(f"{param} must be at most {max_weight:g} in magnitude",
-                                  param=param)
+                raise bad_request(
+                    f"{param} must be at most {max_weight:g} in magnitude", param=param
+                )
         elif name in FILTER_BOUNDS:
             lo, lo_inc, hi, hi_inc = FILTER_BOUNDS[name]
             ok = (value >= lo if lo_inc else value > lo) and (value <= hi if hi_inc else value < hi)
@@ -65,22 +75,29 @@ def normalise_knobs(family: Any, knobs: dict[str, float], allow_negative: bool) 
                 interval = f"{'[' if lo_inc else '('}{lo:g}, {hi:g}{']' if hi_inc else ')'}"
                 raise bad_request(f"{param} must be in {interval}", param=param)
         else:
-            valid = experts + [a for a, t in KNOB_ALIASES.items() if t in experts]
+            valid = [
+                *experts,
+                *(a for a, t in KNOB_ALIASES.items() if t in experts),
+                *FILTER_BOUNDS,
+            ]
             raise bad_request(
-                f"{param}: unknown knob; this family's knobs are {', '.join(valid)}, "
-                f"{', '.join(FILTER_BOUNDS)}", param=param)
+                f"{param}: unknown knob; this family's knobs are {', '.join(valid)}", param=param
+            )
         out[name] = value
     return out
 
 
-def build_composition(family: Any, model_id: str, knobs: dict[str, float] | None,
-                      allow_negative: bool) -> Composition:
+def build_composition(
+    family: Any, model_id: str, knobs: dict[str, float] | None, allow_negative: bool
+) -> Composition:
     model = resolve_model(family, model_id)
     knobs = knobs or {}
     if model is not None and knobs:
         raise bad_request(
             f"eft: knobs apply to the EFT composition `{family.name}`, not to the single model "
-            f"`{model_id}`", param="eft")
+            f"`{model_id}`",
+            param="eft",
+        )
     if model is None:
         knobs = normalise_knobs(family, knobs, allow_negative)
     try:

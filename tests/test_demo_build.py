@@ -38,7 +38,9 @@ def test_build_writes_a_loadable_family(tiny_family: tuple[Path, dict]) -> None:
     assert len(set(map(tuple, prompts.values()))) == 1
     assert tok.decode(prompts["helpful"]).endswith("<|assistant|>")
     assert summary["models"]["large-base"]["params"] > summary["models"]["small-base"]["params"]
-    assert json.loads((out / "build_summary.json").read_text())["total_bytes"] > 0
+    written = json.loads((out / "build_summary.json").read_text())
+    assert written["total_bytes"] > 0
+    assert {"torch", "transformers", "cpu", "torch_threads"} <= set(written["environment"])
 
 
 def test_eval_set_is_held_out(tiny_family: tuple[Path, dict]) -> None:

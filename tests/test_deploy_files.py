@@ -187,7 +187,7 @@ def test_deploy_files_use_only_exported_metric_names():
 
 
 def test_dashboard_shows_every_contract_metric():
-    """DESIGN.md §5 names plus the EFT extras (combine time, KV cache) each feed some panel."""
+    """The contract metric names (docs/metrics.md) plus the EFT extras feed some panel."""
     contract = {
         "eft_num_requests_running", "eft_num_requests_waiting", "eft_request_success_total",
         "eft_request_failure_total", "eft_prompt_tokens_total", "eft_generation_tokens_total",

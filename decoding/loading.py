@@ -1,0 +1,184 @@
+"""Loading the weights and tokenizers of a family's entries, once per distinct checkpoint.
+
+Entries that name the same checkpoint (path, revision, GGUF file, dtype, device) share one
+module: "the same model under two chat templates" costs no extra memory, and a GGUF listed
+three times is dequantised once. An adapter entry (`{adapter: DIR, of: ENTRY}`) gets a
+structural copy of its entry's model whose weight and buffer tensors are the very same objects,
+with the PEFT LoRA layers injected into the copy only: the expert costs its LoRA matrices.
+
+Every failure is a `FamilyError` whose message is one line naming the entry; the full
+traceback goes to the debug log.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from .errors import FamilyError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The package a missing import belongs to, for the one-line error's install hint.
+PACKAGE_OF = {"gguf": "gguf", "peft": "peft", "sentencepiece": "sentencepiece"}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Everything that decides which weights an entry gets: equal checkpoints share a module."""
+
+    path: str
+    gguf_file: str | None
+    revision: str | None
+    dtype: torch.dtype
+    device: str  # cpu | cuda | cuda:N | auto
+
+    @property
+    def source(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def split_gguf_path(path: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """`path: dir/model.gguf` without `gguf_file` means `path: dir, gguf_file: model.gguf`."""
+    if gguf_file is None and path.endswith(".gguf") and Path(path).is_file():
+        p = Path(path)
+        return str(p.parent), p.name
+    return path, gguf_file
+
+
+def resolve_device(device: str | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(name: str | None, device: str) -> torch.dtype:
+    name = name or ("float32" if device == "cpu" else "bfloat16")
+    if name not in DTYPES:
+        raise FamilyError(f"dtype must be one of {sorted(DTYPES)}, not {name!r}")
+    return DTYPES[name]
+
+
+def _looks_local(path: str) -> bool:
+    # A hub id is `name` or `org/name`; anything else that does not exist is a missing path.
+    return (
+        Path(path).is_absolute()
+        or path.startswith((".", "~"))
+        or path.count("/") > 1
+        or path.endswith(".gguf")
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def load_failure(entry: str, what: str, exc: BaseException) -> FamilyError:
+    """The one-line error for a failed load of `what` (a path, an adapter) of `entry`."""
+    log.debug("loading %s of model %r failed", what, entry, exc_info=exc)
+    if isinstance(exc, ImportError):
+        missing = getattr(exc, "name", None) or ""
+        package = PACKAGE_OF.get(missing.split(".")[0])
+        if package is None:  # transformers words missing packages in the message
+            package = next((p for p in PACKAGE_OF.values() if p in str(exc).lower()), None)
+        if package:
+            return FamilyError(
+                f"model {entry!r}: loading {what} needs the Python package {package!r} "
+                f"(pip install {package})"
+            )
+    return FamilyError(f"model {entry!r}: cannot load {what}: {_one_line(exc)}")
+
+
+def check_exists(entry: str, ckpt: Checkpoint) -> None:
+    """Answer the common mistakes in one line before transformers gets to them."""
+    if ckpt.gguf_file and importlib.util.find_spec("gguf") is None:
+        raise FamilyError(
+            f"model {entry!r}: loading the GGUF file {ckpt.gguf_file!r} needs the Python package "
+            "'gguf' (pip install gguf, or reinstall eft-serve with its dependencies)"
+        )
+    path = Path(ckpt.path).expanduser()
+    if not path.exists():
+        if _looks_local(ckpt.path):
+            raise FamilyError(f"model {entry!r}: no such file or directory: {ckpt.path}")
+        return  # a hub id: transformers resolves it (and says so if the machine has no hub)
+    if ckpt.gguf_file and not (path / ckpt.gguf_file).is_file():
+        raise FamilyError(f"model {entry!r}: no GGUF file {ckpt.gguf_file!r} in {ckpt.path}")
+
+
+def load_tokenizer(entry: str, ckpt: Checkpoint) -> PreTrainedTokenizerBase:
+    kwargs = {k: v for k, v in (("gguf_file", ckpt.gguf_file), ("revision", ckpt.revision)) if v}
+    try:
+        return AutoTokenizer.from_pretrained(ckpt.path, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
+        raise load_failure(entry, f"the tokenizer of {ckpt.source!r}", exc) from exc
+
+
+def load_module(entry: str, ckpt: Checkpoint) -> torch.nn.Module:
+    kwargs: dict[str, Any] = {"dtype": ckpt.dtype}
+    if ckpt.gguf_file:
+        kwargs["gguf_file"] = ckpt.gguf_file
+    if ckpt.revision:
+        kwargs["revision"] = ckpt.revision
+    if ckpt.device == "auto":
+        kwargs["device_map"] = "auto"
+    try:
+        module = AutoModelForCausalLM.from_pretrained(ckpt.path, **kwargs)
+        if ckpt.device != "auto":
+            module.to(ckpt.device)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
+        raise load_failure(entry, repr(ckpt.source), exc) from exc
+    return _frozen(module)
+
+
+def load_adapter(entry: str, adapter: str, of: torch.nn.Module) -> torch.nn.Module:
+    """`of`'s model plus the LoRA adapter in `adapter`, sharing every tensor of `of`.
+
+    PEFT injects LoRA layers into the model it is given, so it gets a copy of the module tree
+    whose parameters and buffers are `of`'s own objects (deepcopy's memo returns them as they
+    are); `of` itself stays a plain model.
+    """
+    if not Path(adapter).expanduser().exists() and _looks_local(adapter):
+        raise FamilyError(f"model {entry!r}: no such adapter directory: {adapter}")
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
+    shared = {id(t): t for t in (*of.parameters(), *of.buffers())}
+    skeleton = copy.deepcopy(of, memo=shared)
+    try:
+        with warnings.catch_warnings():  # PEFT calls APIs transformers 5 marks as deprecated
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = PeftModel.from_pretrained(skeleton, adapter, is_trainable=False)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
+        raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
+    # The plain transformers model with the LoRA layers inside: the engine calls it like any other.
+    return _frozen(peft_model.get_base_model())
+
+
+def adapter_tokenizer(
+    entry: str, adapter: str, fallback: PreTrainedTokenizerBase
+) -> PreTrainedTokenizerBase:
+    """The adapter's own tokenizer when it ships one (added tokens, chat template), else its
+    model's."""
+    if not (Path(adapter).expanduser() / "tokenizer_config.json").is_file():
+        return fallback
+    try:
+        return AutoTokenizer.from_pretrained(adapter)
+    except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
+        raise load_failure(entry, f"the tokenizer of adapter {adapter!r}", exc) from exc
+
+
+def _frozen(module: torch.nn.Module) -> torch.nn.Module:
+    module.eval()
+    module.requires_grad_(False)
+    return module
