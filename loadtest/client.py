@@ -53,7 +53,7 @@ def auth_headers(api_key: str | None) -> dict[str, str]:
 
 
 async def first_model(client: httpx.AsyncClient, url: str) -> str:
-    """The first id of GET /v1/models: the family's EFT composition (DESIGN §4)."""
+    """The first id of GET /v1/models: the family's EFT composition (docs/api.md)."""
     resp = await client.get(f"{url}/v1/models")
     if resp.status_code != 200:
         raise LoadtestError(f"GET /v1/models -> {resp.status_code}: {resp.text[:200]}")

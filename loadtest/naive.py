@@ -2,7 +2,7 @@
 
 Baseline: Hugging Face `generate` on the large base, one request at a time, with a
 `LogitsProcessor` that at every step feeds the new token to each other model (each with its own
-KV cache) and returns `lp_base + sum_e w_e (lp_e - lp_reference)`, the formula of DESIGN §1.
+KV cache) and returns `lp_base + sum_e w_e (lp_e - lp_reference)`, the formula of docs/math.md.
 No batching across requests, so its throughput is what a batching server has to beat.
 """
 

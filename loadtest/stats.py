@@ -65,7 +65,7 @@ def describe_ms(seconds: Iterable[float]) -> dict[str, float]:
 
 
 def summarize(results: Sequence[RequestResult], duration: float) -> dict:
-    """The load tool's JSON (DESIGN §6 keys plus extras) from per-request results."""
+    """The load tool's JSON (the documented keys plus extras) from per-request results."""
     done = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     out_tokens = sum(r.output_tokens for r in done)

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI-compatible routes on top of the EFT engine (DESIGN §4).
+"""The FastAPI app: OpenAI-compatible routes on top of the EFT engine (docs/api.md).
 
 `create_app(engine, family, settings)` builds the app around an engine that the caller created
 (and, for `eft-serve`, started); the app's lifespan warms it up (then `/ready` turns 200) and shuts

@@ -1,4 +1,4 @@
-"""Prometheus collectors (DESIGN §5 names, prefix `eft_`, mirroring vLLM's).
+"""Prometheus collectors (docs/metrics.md names, prefix `eft_`, mirroring vLLM's).
 
 Two feeds:
 - the engine's `on_step(StepStats)` observer (engine thread): batch size, per-model forward time,

@@ -155,7 +155,7 @@ async def test_knobs_change_the_distribution(api):
     harmless = await scores(harmless=2.0)
     assert max(abs(a - b) for a, b in zip(plain, helpful, strict=True)) > 1e-3
     assert max(abs(a - b) for a, b in zip(helpful, harmless, strict=True)) > 1e-3
-    # all weights 0 is exactly the large base alone (DESIGN §1)
+    # all weights 0 is exactly the large base alone (docs/math.md)
     base = await scores(model="tiny/large-base")
     assert max(abs(a - b) for a, b in zip(plain, base, strict=True)) < 1e-4
     # and the small expert alone is something else again
