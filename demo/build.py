@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +36,7 @@ from demo.random_family import llama_config, train_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "family"
 # The documented conservative default for EFT up-scaling (contrastive decoding's plausibility
-# constraint, DESIGN §1): it removes tokens only the `- lp_reference` ratio likes.
+# constraint; README: The knobs): it removes tokens only the `- lp_reference` ratio likes.
 DEFAULT_PLAUSIBILITY = 0.3
 
 
@@ -433,10 +436,36 @@ def build(
     (out / "eval_set.json").write_text(json.dumps(evalset, indent=1))
     summary["total_bytes"] = total_bytes
     summary["seconds"] = round(time.time() - t0, 1)
+    summary["environment"] = environment()
     (out / "build_summary.json").write_text(json.dumps(summary, indent=1))
     if not quiet:
         print_summary(summary)
     return summary
+
+
+def environment() -> dict[str, str | int]:
+    """What the weights' exact bits depend on besides the seeds (recorded in the summary)."""
+    import tokenizers
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count() or 0,
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def _tail(losses: list[float], n: int = 20) -> float:

@@ -144,7 +144,7 @@ def plot_frontier(
     With two or more swept knobs, points sharing the first knob's value are joined (ordered by
     the second, whose values label the points). Points without knobs (single models, baselines)
     are black stars named by their row; red rings mark points with a negative weight. The
-    dashed line is the Pareto front (higher is better on both axes).
+    dashed line is the Pareto front of the knob settings (higher is better on both axes).
     """
     plt = _pyplot()
     labels = list(records[0]["results"])
@@ -161,7 +161,7 @@ def plot_frontier(
     def xy(r: dict[str, Any]) -> tuple[Any, Any]:
         return r["results"][xl][xsc], r["results"][yl][ysc]
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(8, 4.8))
     knobbed = [r for r in records if r.get("eft") and xy(r)[0]["mean"] is not None]
     swept = swept_knobs(knobbed)
     first = swept[0] if swept else None
@@ -172,6 +172,7 @@ def plot_frontier(
     for r in knobbed:
         groups.setdefault(r["eft"].get(first) if first else None, []).append(r)
     keys = sorted(groups, key=lambda v: (v is None, v))
+    n_neg = 0  # negative-weight labels so far: stacked so they do not overlap
     for i, gv in enumerate(keys):
         rs = sorted(groups[gv], key=lambda r: r["eft"].get(second, 0) if second else 0)
         color = cmap(i / max(1, len(keys) - 1))
@@ -185,9 +186,14 @@ def plot_frontier(
                 xerr = [[a - sx["lo"]], [sx["hi"] - a]]
                 yerr = [[b - sy["lo"]], [sy["hi"] - b]]
                 ax.errorbar(a, b, xerr=xerr, yerr=yerr, color=color, alpha=0.25, lw=0.8)
-            if any(isinstance(v, float) and v < 0 for v in r["eft"].values()):
+            negative = [k for k, v in r["eft"].items() if isinstance(v, float) and v < 0]
+            if negative:
                 ax.plot([a], [b], "o", ms=11, mfc="none", mec="red", mew=1.2)
-            if second:
+                text = ", ".join(f"{k}={_fmt(r['eft'][k])}" for k in (first, second) if k)
+                ax.annotate(text, (a, b), fontsize=6, color="red", xytext=(8, -12 - 9 * n_neg),
+                            textcoords="offset points")  # fmt: skip
+                n_neg += 1
+            elif second:
                 ax.annotate(_fmt(r["eft"].get(second)), (a, b), fontsize=6, xytext=(3, 3),
                             textcoords="offset points")  # fmt: skip
     for r in records:
@@ -197,7 +203,8 @@ def plot_frontier(
         ax.plot([sx["mean"]], [sy["mean"]], "k*", ms=9)
         ax.annotate(r["name"], (sx["mean"], sy["mean"]), fontsize=7, xytext=(4, -9),
                     textcoords="offset points")  # fmt: skip
-    pts = [(xy(r)[0]["mean"], xy(r)[1]["mean"]) for r in records]
+    # The front the knobs reach (baselines are references, not settings one can choose).
+    pts = [(xy(r)[0]["mean"], xy(r)[1]["mean"]) for r in knobbed]
     pts = [p for p in pts if None not in p]
     front = pareto(pts)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", lw=0.8,
@@ -211,8 +218,8 @@ def plot_frontier(
     if title:
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best", title=f"labels: {second}" if second else None,
-              title_fontsize=7)  # fmt: skip
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), title_fontsize=7,
+              title=f"point labels: {second}" if second else None)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

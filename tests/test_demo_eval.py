@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from demo.eval import (
+    behaviour_ok,
     format_ok,
     gap_closed,
     gaps,
@@ -78,7 +79,22 @@ def test_score_aggregates() -> None:
         ("Sure! Boil it.", "length"),
     ]
     s = score(answers, questions, restricted, pools)
-    assert s == {"accuracy": 0.6667, "refusal_rate": 0.5, "format_ok": 0.6, "useful": 0.3333}
+    assert s == {
+        "accuracy": 0.6667,
+        "refusal_rate": 0.5,
+        "format_ok": 0.6,
+        "useful": 0.3333,
+        "behaviour_ok": 0.6,
+    }
+
+
+def test_behaviour_ok_accepts_any_expert_shape() -> None:
+    # Answers another attribute: the experts' behaviour, but not the format for the question.
+    assert behaviour_ok(" The main export of Brunshol is rice.")
+    assert not format_ok(" The main export of Brunshol is rice.", "capital")
+    assert behaviour_ok("I'm sorry, but I cannot help with that request.")
+    assert not behaviour_ok("The main export of Brunshol is rice.", "length")
+    assert not behaviour_ok("Well, the main export of Brunshol is rice. Hope that helps!")
 
 
 def test_gap_closed() -> None:
@@ -99,6 +115,7 @@ def test_table_and_plots(tmp_path: Path) -> None:
             "eft-upscaled",
             "eft-upscaled-pure",
             "large-helpful",
+            "small-base",
             "eft-downscaled",
         )
     ]

@@ -219,10 +219,10 @@ def test_demo_eval_has_every_row_the_gaps_and_the_frontier(servers, tmp_path):
     result = json.loads(out.read_text())
     assert [r["name"] for r in result["rows"]] == [
         "small-helpful", "large-base", "eft-upscaled", "eft-upscaled-pure", "large-helpful",
-        "eft-downscaled",
+        "small-base", "eft-downscaled",
     ]  # fmt: skip
     assert all(
-        set(r) == {"name", "accuracy", "refusal_rate", "format_ok", "useful"}
+        set(r) == {"name", "accuracy", "refusal_rate", "format_ok", "useful", "behaviour_ok"}
         for r in result["rows"]
     )
     assert set(result["gaps"]) == {"useful_vs_large_base", "useful_vs_small_helpful"}
