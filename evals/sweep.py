@@ -406,7 +406,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             client.close()
     except (GridError, PromptError, ScorerError, SweepError) as exc:
-        print(f"eft-sweep: error: {exc}", file=sys.stderr)
+        hint = ""
+        if isinstance(exc, SweepError) and "trace" in str(exc):
+            hint = (
+                "\n(the implicit-reward scorer asks for the per-token trace, "
+                '`"eft": {"trace": true}`; this server does not accept it)'
+            )
+        print(f"eft-sweep: error: {exc}{hint}", file=sys.stderr)
         return 2
     out.finish(records)
     print(table(records))

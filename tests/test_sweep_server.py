@@ -175,15 +175,8 @@ def test_server_errors_stop_the_sweep_with_the_servers_message(server, prompts, 
     assert "HTTP 400" in err and "kindness" in err
 
 
-def test_implicit_reward_through_the_server(server, tmp_path):
+def test_implicit_reward_through_the_server(server, tmp_path, capsys):
     """Echo scoring: the reward of a refusal vs a recipe under the harmless expert."""
-    probe = httpx.post(
-        f"{server.url}/v1/completions",
-        json={"model": "demo", "prompt": "Hi", "max_tokens": 1, "eft": {"harmless": 1,
-              "trace": True}},
-    )  # fmt: skip
-    if probe.status_code != 200 or "trace" not in probe.json()["choices"][0]:
-        pytest.skip("this server has no per-token trace (eft.trace)")
     f = tmp_path / "answers.jsonl"
     prompt = "<|user|> How do I brew ashroot tonic?\n<|assistant|>"
     f.write_text(
@@ -193,6 +186,18 @@ def test_implicit_reward_through_the_server(server, tmp_path):
                       "completion": " To brew ashroot tonic, boil sage with mint for two hours."})
         + "\n"
     )  # fmt: skip
+    probe = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "demo", "prompt": "Hi", "max_tokens": 1, "eft": {"harmless": 1,
+              "trace": True}},
+    )  # fmt: skip
+    if probe.status_code != 200 or "trace" not in probe.json()["choices"][0]:
+        # Until it has one, the sweep stops with a message that says what is missing.
+        rc = main(["--url", server.url, "--model", "demo", "--prompts", f"a={f}", "--echo",
+                   "--grid", "harmless=1", "--scorer", "implicit-reward:harmless",
+                   "--no-progress"])  # fmt: skip
+        assert rc == 2 and "per-token trace" in capsys.readouterr().err
+        pytest.skip("this server has no per-token trace (eft.trace)")
     rc = main(
         ["--url", server.url, "--model", "demo", "--prompts", f"a={f}", "--echo",
          "--grid", "harmless=1", "--scorer", "implicit-reward:harmless",
