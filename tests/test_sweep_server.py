@@ -241,3 +241,27 @@ def test_demo_eval_has_every_row_the_gaps_and_the_frontier(servers, tmp_path):
     assert by["large-helpful"]["format_ok"] >= 0.8 and by["eft-downscaled"]["format_ok"] >= 0.6
     for name in ("e.png", "f.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auto_endpoint_sends_prompts_to_completions_and_messages_to_chat(server, tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    f.write_text(
+        json.dumps({"id": "chat", "messages": [{"role": "user", "content": "Hi"}]}) + "\n"
+        + json.dumps({"id": "raw", "prompt": "The capital of Brunshol is"}) + "\n"
+    )  # fmt: skip
+    rc = main(
+        ["--url", server.url, "--model", "demo/large-base", "--prompts", str(f),
+         "--scorer", "regex:.", "--max-tokens", "4", "--json", str(tmp_path / "o.json"),
+         "--save-answers", "--no-progress", "--extra", '{"ignore_eos": true}']
+    )  # fmt: skip
+    assert rc == 0
+    (point,) = json.loads((tmp_path / "o.json").read_text())["points"]
+    answers = {a["id"]: a for a in point["answers"]["mixed"]}
+    # A raw completion continues the text (no chat markup), four tokens as asked.
+    assert all(a["finish_reasons"] == ["length"] for a in answers.values())
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": "demo/large-base", "prompt": "The capital of Brunshol is",
+              "max_tokens": 4, "temperature": 0, "ignore_eos": True},
+    )  # fmt: skip
+    assert answers["raw"]["texts"] == [r.json()["choices"][0]["text"]]

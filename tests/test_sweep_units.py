@@ -273,3 +273,15 @@ def test_plots_write_pngs(tmp_path: Path) -> None:
 def test_pareto_front_keeps_points_no_other_beats_on_both_axes() -> None:
     pts = [(0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.9, 0.05)]
     assert pareto(pts) == [0, 1, 3]
+
+
+def test_console_script_points_at_the_sweep_main() -> None:
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())
+    module, func = project["project"]["scripts"]["eft-sweep"].split(":")
+    assert callable(getattr(importlib.import_module(module), func))
+    assert "evals*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
