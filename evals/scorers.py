@@ -22,6 +22,7 @@ Spec syntax: `[COLUMN=]KIND[:ARG]`, where COLUMN renames the output column:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import math
@@ -231,8 +232,12 @@ def parse_scorer(spec: str) -> Scorer:
     if kind in BUILTINS:
         name = column or (rest if kind == "implicit-reward" else kind)
         if kind == "refusal":
-            phrases = _phrases_file(arg) if arg_or_none else REFUSAL_PHRASES
-            return Scorer(name, refusal(phrases), spec=spec)
+            if not arg_or_none:
+                return Scorer(name, refusal(REFUSAL_PHRASES), spec=spec)
+            phrases = _phrases_file(arg)
+            # The phrases, not only the file name, identify the measurement (resume keys).
+            digest = hashlib.sha256("\n".join(phrases).encode()).hexdigest()[:12]
+            return Scorer(name, refusal(phrases), spec=f"{spec}#{digest}")
         if kind == "implicit-reward":
             return Scorer(name, implicit_reward(arg_or_none), needs_trace=True, spec=spec)
         if kind == "regex" and arg_or_none is not None:

@@ -116,6 +116,8 @@ def test_refusal_scorer_default_phrases_and_override(tmp_path: Path) -> None:
     phrases.write_text("# mine\nno way\n")
     mine = parse_scorer(f"refused=refusal:{phrases}")
     assert mine.name == "refused"
+    phrases.write_text("no chance\n")  # other phrases: another measurement (resume key)
+    assert parse_scorer(f"refused=refusal:{phrases}").spec != mine.spec
     assert mine({}, choice("No way!")) == 1.0 and mine({}, choice("I'm sorry")) == 0.0
 
 
