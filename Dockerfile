@@ -38,6 +38,7 @@ COPY decoding ./decoding
 COPY server ./server
 COPY demo ./demo
 COPY loadtest ./loadtest
+COPY evals ./evals
 RUN pip install --no-deps .
 
 # Non-root: the server needs no privilege. uid 1001 because Ubuntu 24.04 images already

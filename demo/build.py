@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import platform
 import random
 import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -365,7 +368,7 @@ def build(
         "vocab_size": len(tok),
         # The weights are reproducible bit for bit only on the same CPU kind, torch build and
         # thread count: float rounding depends on all three.
-        "environment": build_environment(),
+        "environment": environment(),
         "models": {},
     }
     if reuse_bases is not None:
@@ -442,18 +445,13 @@ def build(
     return summary
 
 
-def _tail(losses: list[float], n: int = 20) -> float:
-    return round(sum(losses[-n:]) / max(1, len(losses[-n:])), 4)
-
-
-def build_environment() -> dict:
-    """What a bit-for-bit rebuild must match: versions, CPU and torch threads."""
-    import platform
-
+def environment() -> dict[str, str | int]:
+    """What the weights' exact bits depend on besides the seeds (recorded in the summary)."""
+    import tokenizers
     import transformers
 
     cpu = platform.processor() or platform.machine()
-    try:
+    try:  # Linux names the CPU model here; platform.processor() often says only "x86_64"
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
@@ -461,13 +459,20 @@ def build_environment() -> dict:
     except OSError:
         pass
     return {
+        "python": sys.version.split()[0],
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "python": platform.python_version(),
+        "tokenizers": tokenizers.__version__,
+        "platform": platform.platform(),
         "cpu": cpu,
-        "machine": platform.machine(),
+        "cpu_count": os.cpu_count() or 0,
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _tail(losses: list[float], n: int = 20) -> float:
+    return round(sum(losses[-n:]) / max(1, len(losses[-n:])), 4)
+
 
 
 def print_summary(summary: dict) -> None:
