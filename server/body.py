@@ -52,8 +52,12 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     try:
         return await asyncio.wait_for(read(), timeout)
     except asyncio.TimeoutError as exc:
+        # The rest of the body may still trickle in: the connection cannot be reused.
         raise ApiError(
-            408, f"The request body did not arrive within {timeout:g} s.", code="request_timeout"
+            408,
+            f"The request body did not arrive within {timeout:g} s.",
+            code="request_timeout",
+            headers={"Connection": "close"},
         ) from exc
 
 
