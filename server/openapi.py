@@ -59,7 +59,19 @@ def post_responses(response: type[BaseModel], stream: bool) -> dict[int | str, d
             "The result; with `stream: true` a `text/event-stream` of "
             "`data: {chunk}` lines, comment pings and `data: [DONE]`."
         )
-        ok["content"] = {"text/event-stream": {"schema": {"type": "string"}}}
+        # OpenAPI before 3.2 describes each server-sent event with `schema`.
+        event = {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "type": "string",
+                    "description": 'A chunk as JSON, an `{"error": ...}` object, or `[DONE]`.',
+                },
+                "event": {"type": "string"},
+            },
+        }
+        ok["content"] = {"text/event-stream": {"schema": event}}
     return {200: ok, **error_responses(400, 401, 404, 408, 413, 415, 429, 500, 503)}
 
 
