@@ -150,19 +150,28 @@ class Engine:
 
     def submit(self, req: GenerationRequest) -> AsyncIterator[SequenceOutput]:
         """Queue a request; iterate the result for its events. Validates synchronously."""
+        return self.submit_all([req])[0]
+
+    def submit_all(self, reqs: list[GenerationRequest]) -> list[AsyncIterator[SequenceOutput]]:
+        """Queue several requests as one admission unit (one HTTP request's prompts): all of
+        them or none. The queue bound is checked once per unit (a 5-prompt request is not refused
+        for having more prompts than `max_waiting`), and nothing is refused while a batch slot
+        is free."""
         if self._dead or self._stopping:
             raise EngineDeadError(self._dead or "the engine is shutting down")
-        state = self._validate(req)
+        states = [self._validate(req) for req in reqs]
         with self._lock:
-            if self._num_waiting >= self.config.max_waiting:
+            full = self._num_waiting >= self.config.max_waiting
+            slot_free = self.scheduler.num_running + self._num_waiting < self.config.max_batch_size
+            if full and not slot_free:
                 raise QueueFullError(
                     f"the server is at capacity ({self.config.max_waiting} requests waiting)"
                 )
-            self._num_waiting += 1
-            self._inbox.append(Submit(state))
+            self._num_waiting += len(states)
+            self._inbox.extend(Submit(state) for state in states)
         self._wake.set()
         self.start()
-        return self._stream(state)
+        return [self._stream(state) for state in states]
 
     def cancel(self, request_id: str) -> None:
         with self._lock:

@@ -12,11 +12,13 @@ endpoints); what completions, chat, tokenize and detokenize do is in `server.han
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
-import json
 import logging
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -27,9 +29,11 @@ from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import openapi
 from server import protocol as P
+from server.body import check_media_type, parse_json, read_body
 from server.errors import ApiError, bad_request
 from server.handlers import Handlers
 from server.knobs import model_ids
@@ -45,6 +49,9 @@ class ServerSettings:
     allow_negative_weights: bool = False
     max_body_bytes: int = 4 * 1024 * 1024  # generous for 64 prompts, small enough to refuse abuse
     retry_after_s: int = 1
+    read_timeout_s: float = 30.0  # a request body must arrive within this (else 408)
+    sse_ping_s: float = 15.0  # comment pings on a stream that has sent nothing for this long
+    shutdown_timeout_s: float = 30.0  # after a drain starts, open requests end with a 503/error
     manage_engine: bool = True  # lifespan warms the engine up and shuts it down
     cors_origins: list[str] = field(default_factory=list)  # browsers' origins; [] = no CORS
     extra: dict[str, Any] = field(default_factory=dict)
@@ -88,23 +95,52 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
-# ------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------- request ids
+
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+_USABLE_ID = re.compile(rb"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise ApiError(413, f"Request body larger than {limit} bytes.", reason="too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"Request body larger than {limit} bytes.", reason="too_large")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise bad_request(f"Malformed JSON body: {exc}", code="invalid_json") from exc
+class RequestId:
+    """Every response carries `X-Request-Id`: the client's when it sent a usable one (short,
+    printable), else a new one. The id is also in every log line of this request."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = None
+        for k, v in scope.get("headers", ()):
+            if k == b"x-request-id" and _USABLE_ID.match(v):
+                rid = v.decode()
+        rid = rid or uuid.uuid4().hex
+        token = request_id.set(rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", ()) if k != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id.reset(token)
+
+
+class _RequestIdLog(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        rid = request_id.get()
+        if rid and not getattr(record, "request_id", None):
+            record.request_id = rid
+            record.msg = f"[{rid}] {record.msg}"
+        return True
+
+
+log.addFilter(_RequestIdLog())
 
 
 # ------------------------------------------------------------------------------- the app
@@ -119,7 +155,8 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             engine.on_step = metrics.on_step
     metrics.bind_engine(lambda: engine.num_running, lambda: engine.num_waiting,
                         lambda: bool(getattr(engine, "ready", False)))
-    handlers = Handlers(engine, family, metrics, settings.allow_negative_weights)
+    handlers = Handlers(engine, family, metrics, settings.allow_negative_weights,
+                        sse_ping_s=settings.sse_ping_s)
     ctx = handlers.ctx
     state: dict[str, Any] = {"shutting_down": False, "warmup_error": None}
 
@@ -137,6 +174,7 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
                     log.exception("warmup failed")
 
             warm = asyncio.create_task(_warm())
+        state["loop"] = asyncio.get_running_loop()
         yield
         state["shutting_down"] = True
         if warm is not None:
@@ -150,21 +188,35 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
     app.state.metrics = metrics
     app.state.settings = settings
 
+    def end_open_requests() -> None:
+        n = handlers.end_open_requests()
+        log.warning("shutdown timeout (%g s) passed: ended %d open request(s) with a 503 or a "
+                    "final error chunk", settings.shutdown_timeout_s, n)
+
     def begin_drain() -> None:
         # Called from the SIGTERM handler: /ready turns 503 at once (load balancers stop
         # routing here) and new requests on kept-alive connections get 503 while the
-        # in-flight ones finish.
+        # in-flight ones finish; those still open after the shutdown timeout are ended
+        # cleanly (error chunk + [DONE], or a 503) before the HTTP server gives up on them.
+        if state["shutting_down"]:
+            return
         state["shutting_down"] = True
+        loop = state.get("loop")
+        if loop is not None:
+            loop.call_soon_threadsafe(loop.call_later, settings.shutdown_timeout_s,
+                                      end_open_requests)
 
     app.state.begin_drain = begin_drain
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key,
                            on_fail=lambda: metrics.failure("unauthorized"))
     if settings.cors_origins:
-        # Added last = outermost: a browser's preflight OPTIONS is answered before auth.
+        # Added after auth = outside it: a browser's preflight OPTIONS is answered before auth.
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "OPTIONS"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id"])
+    app.add_middleware(RequestId)  # outermost: every response has the header, 401s included
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_exc(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -189,9 +241,12 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             if state["shutting_down"]:
                 raise ApiError(503, "The server is shutting down.", type="service_unavailable",
                                reason="unavailable")
-            body = await read_json(request, settings.max_body_bytes)
+            check_media_type(request)
+            body = parse_json(await read_body(request, settings.max_body_bytes,
+                                              settings.read_timeout_s))
             return await race_disconnect(request, work(body, arrival))
         except ApiError as exc:
+            log.debug("%s refused: %d %s", request.url.path, exc.status, exc.message[:200])
             metrics.failure(exc.reason)
             return exc.response()
         except ClientGone:
@@ -205,18 +260,26 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
 
     # ---------------------------------------------------------------- routes
 
-    def post(path: str, work: Callable[[Any, float], Awaitable[Response]]) -> None:
+    request_models: dict[str, type[Any]] = {}
+
+    def post(path: str, work: Callable[[Any, float], Awaitable[Response]],
+             request_model: type[Any], response_model: type[Any], stream: bool = False) -> None:
         async def route(request: Request) -> Response:
             return await handle(request, work)
 
         # Named as the route functions were (`_chat`, ...): OpenAPI's operation ids stay.
-        app.add_api_route(path, route, methods=["POST"], name=f"_{work.__name__}")
+        app.add_api_route(path, route, methods=["POST"], name=f"_{work.__name__}",
+                          responses=openapi.post_responses(response_model, stream))
+        request_models[path] = request_model
 
     # Each POST route's work (body -> engine -> response) is a method of `Handlers`.
-    post("/v1/completions", handlers.completions)
-    post("/v1/chat/completions", handlers.chat)
-    post("/tokenize", handlers.tokenize)
-    post("/detokenize", handlers.detokenize)
+    post("/v1/completions", handlers.completions, P.CompletionRequest, P.CompletionResponse,
+         stream=True)
+    post("/v1/chat/completions", handlers.chat, P.ChatCompletionRequest,
+         P.ChatCompletionResponse, stream=True)
+    post("/tokenize", handlers.tokenize, P.TokenizeRequest, P.TokenizeResponse)
+    post("/detokenize", handlers.detokenize, P.DetokenizeRequest, P.DetokenizeResponse)
+    openapi.install(app, request_models)
 
     def model_cards() -> list[P.ModelCard]:
         cfg = family.config
@@ -230,11 +293,13 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             cards.append(P.ModelCard(id=mid, root=name, parent=family.name, max_model_len=ctx))
         return cards
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses={200: {"model": P.ModelList},
+                                      **openapi.error_responses(401)})
     async def _models() -> Response:
         return JSONResponse(P.ModelList(data=model_cards()).model_dump(mode="json"))
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses={200: {"model": P.ModelCard},
+                                                      **openapi.error_responses(401, 404)})
     async def _model(model_id: str) -> Response:
         for card in model_cards():
             if card.id == model_id:
@@ -243,7 +308,9 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
         return ApiError(404, f"The model `{model_id}` does not exist.", param="model",
                         code="model_not_found", reason="not_found").response()
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": P.HealthResponse},
+                                   503: {"model": P.HealthResponse,
+                                         "description": "The engine's step loop is gone."}})
     async def _health() -> Response:
         # Liveness: cheap, no generation. 503 only when the step loop is gone for good.
         dead = _engine_dead(engine)
@@ -251,7 +318,9 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             return JSONResponse({"status": "dead", "error": dead}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @app.get("/ready")
+    @app.get("/ready", responses={200: {"model": P.ReadyResponse},
+                                  503: {"model": P.ReadyResponse,
+                                        "description": "Warming up, failed, or shutting down."}})
     async def _ready() -> Response:
         if state["shutting_down"]:
             return JSONResponse({"status": "shutting down"}, status_code=503)
@@ -262,7 +331,8 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             body = {"status": "warmup failed", "error": state["warmup_error"]}
         return JSONResponse(body, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"description": "Prometheus text format.", "content": {
+        "text/plain": {"schema": {"type": "string"}}}}})
     async def _metrics() -> Response:
         data, ctype = metrics.render()
         return PlainTextResponse(data, media_type=ctype)

@@ -91,7 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024,
                    help="largest accepted request body; larger ones get 413")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT")
+                   help="seconds in-flight requests get to finish after SIGTERM/SIGINT; then "
+                        "each open stream gets an error chunk and [DONE], others a 503")
+    p.add_argument("--read-timeout", type=float, default=30.0,
+                   help="seconds a request's head, and then its body, may take to arrive")
+    p.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at most; requests beyond it get 503, connections "
+                        "beyond it are closed")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging verbosity")
     return p
 
@@ -187,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = ServerSettings(api_key=args.api_key or None,
                               allow_negative_weights=args.allow_negative_weights,
                               max_body_bytes=args.max_body_bytes,
+                              read_timeout_s=args.read_timeout,
+                              shutdown_timeout_s=args.shutdown_timeout,
                               cors_origins=[o.strip() for o in args.allowed_origins.split(",")
                                             if o.strip()])
     app = create_app(engine, family, settings, metrics=metrics)
@@ -208,9 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.allow_negative_weights:
         log.warning("negative expert weights are allowed (--allow-negative-weights)")
 
+    from server.connections import bounded_protocol
+
     server = _server_class(app.state.begin_drain)(uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on",
-        timeout_graceful_shutdown=args.shutdown_timeout, access_log=args.log_level == "debug",
+        access_log=args.log_level == "debug",
+        http=bounded_protocol(args.read_timeout, args.max_connections),
+        limit_concurrency=args.max_connections,
+        # The app ends what is still open at --shutdown-timeout; uvicorn's own cut (which
+        # drops streams mid-body) only backs that up.
+        timeout_graceful_shutdown=args.shutdown_timeout + 5,
     ))
     server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, lifespan shutdown
     if not server.started:

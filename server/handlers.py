@@ -71,6 +71,12 @@ def _stream_chunk(chunk: BaseModel, include_usage: bool) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, "The server is shutting down and its shutdown timeout has passed; "
+                    "retry on another replica.", type="service_unavailable",
+                    code="server_shutting_down", reason="unavailable")
+
+
 def _generation_failed(error: str | None) -> ApiError:
     return ApiError(500, f"Generation failed: {error or 'engine error'}", type="server_error",
                     reason="error")
@@ -140,8 +146,11 @@ class Handlers:
     """Completions, chat, tokenize and detokenize for one engine and family."""
 
     def __init__(self, engine: Any, family: Any, metrics: ServerMetrics,
-                 allow_negative_weights: bool = False):
+                 allow_negative_weights: bool = False, sse_ping_s: float = 15.0):
         self.engine = engine
+        self.sse_ping_s = sse_ping_s
+        self.open: set[Generation] = set()  # runs not yet closed: what a shutdown must end
+        self.ended = False  # the shutdown deadline has passed
         self.family = family
         self.metrics = metrics
         self.allow_negative_weights = allow_negative_weights
@@ -149,6 +158,12 @@ class Handlers:
         self.ttext = TokenText(self.tok)
         self.vocab = int(family.vocab_size)
         self.ctx = int(family.context_limit)
+        # No token covers more characters than the longest vocabulary entry (byte-level and
+        # SentencePiece pieces spell at least the characters they stand for), so a text longer
+        # than ctx * that many characters cannot fit and is refused without tokenizing it.
+        longest_piece = max((len(p) for p in self.tok.get_vocab()), default=1)
+        self.max_text_chars = self.ctx * max(longest_piece, 1)
+        self._big_text = asyncio.Semaphore(1)  # one large tokenization at a time
 
     # ---------------------------------------------------------------- request -> engine
 
@@ -198,17 +213,32 @@ class Handlers:
                 param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    def check_text_size(self, chars: int, param: str) -> None:
+        """Refuse a text that cannot fit the context before spending any work on it."""
+        if chars > self.max_text_chars:
+            raise bad_request(
+                f"This model's maximum context length is {self.ctx} tokens. However, the "
+                f"{param} holds {chars} characters, more than {self.ctx} tokens of this "
+                f"tokenizer can spell ({self.max_text_chars}). Please reduce its length.",
+                param=param, code="context_length_exceeded")
+
     async def off_loop(self, fn: Callable[..., Any], *args: Any, size: int, **kw: Any) -> Any:
-        # Tokenizing a few MB of text takes seconds; that must not stall every other request
-        # (and /health) on the event loop. Small inputs stay inline: a thread hop costs more.
+        # Tokenizing a large text takes a while; that must not stall every other request (and
+        # /health) on the event loop, and several at once must not take every core from the
+        # engine: they run in a thread, one at a time. Small inputs stay inline (a thread hop
+        # costs more than they do).
         if size > 8192:
-            return await asyncio.to_thread(fn, *args, **kw)
+            async with self._big_text:
+                return await asyncio.to_thread(fn, *args, **kw)
         return fn(*args, **kw)
 
     async def completion_prompts(self, req: P.CompletionRequest) -> list[list[int]]:
         p = req.prompt
         special = req.add_special_tokens
         encode, vocab = self.tok.encode, self.vocab
+        for text in [p] if isinstance(p, str) else p:
+            if isinstance(text, str):
+                self.check_text_size(len(text), "prompt")
         if isinstance(p, str):
             prompts = [await self.off_loop(encode, p, size=len(p), add_special_tokens=special)]
         elif p and all(isinstance(x, int) for x in p):
@@ -232,6 +262,7 @@ class Handlers:
             msgs = [{"role": m.role, "content": m.text()} for m in messages]
         except ValueError as exc:
             raise bad_request(f"messages: {exc}", param="messages") from exc
+        self.check_text_size(sum(len(m["content"]) for m in msgs), "messages")
         try:
             return await self.off_loop(self.family.render_chat, msgs,
                                        size=sum(len(m["content"]) for m in msgs))
@@ -249,9 +280,12 @@ class Handlers:
         reqs = [GenerationRequest(request_id=rid if len(prompts) == 1 else f"{rid}-{i}",
                                   prompt_ids=p, composition=comp, params=params)
                 for i, p in enumerate(prompts)]
+        if self.ended:
+            raise _shutting_down()
         gen = Generation(self.engine, reqs)
         timings = [_Timing(self.metrics, t0) for _ in reqs]
         gen.start()
+        self.open.add(gen)
         self.metrics.knobs_used(comp.coeffs)
         return _Run(rid=rid, model=req.model, n=req.n, gen=gen, timings=timings,
                     prompt_tokens=prompt_tokens, knobs=dict(comp.knobs) if comp.knobs else None)
@@ -280,7 +314,7 @@ class Handlers:
                 ch = choices.setdefault(pi * run.n + out.index, _Choice())
                 self.account(ch, run.timings[pi], out)
         finally:
-            run.gen.close()
+            self.close(run)
         for ch in choices.values():
             if ch.finish_reason == "error":
                 raise _generation_failed(ch.error)
@@ -338,7 +372,20 @@ class Handlers:
         finally:
             if not ended:
                 self.metrics.failure("aborted")
-            run.gen.close()
+            self.close(run)
+
+    def close(self, run: _Run) -> None:
+        run.gen.close()
+        self.open.discard(run.gen)
+
+    def end_open_requests(self) -> int:
+        """The shutdown deadline: every open run ends now (a stream with an error chunk and
+        `[DONE]`, a non-streamed request with a 503); returns how many there were."""
+        self.ended = True
+        runs = [g for g in self.open if not g.closed]
+        for gen in runs:
+            gen.abort(_shutting_down())
+        return len(runs)
 
     # ---------------------------------------------------------------- completions
 
@@ -361,7 +408,7 @@ class Handlers:
         echo_text = [self.tok.decode(p) for p in prompts] if req.echo else None
         if req.stream:
             return SSEResponse(self.stream_completion(req, run, prompts, echo_text),
-                               on_close=run.gen.close)
+                               on_close=lambda: self.close(run), ping_s=self.sse_ping_s)
         choices = await self.collect(run)
         out_choices = []
         for idx in sorted(choices):
@@ -434,7 +481,8 @@ class Handlers:
                          prompt_tokens=prompt_tokens)
         self.metrics.request_prompt_tokens.observe(prompt_tokens)
         if req.stream:
-            return SSEResponse(self.stream_chat(req, run, k), on_close=run.gen.close)
+            return SSEResponse(self.stream_chat(req, run, k), on_close=lambda: self.close(run),
+                               ping_s=self.sse_ping_s)
         choices = await self.collect(run)
         out_choices = []
         for idx in sorted(choices):
@@ -474,6 +522,7 @@ class Handlers:
         req = parse(P.TokenizeRequest, body)
         model = resolve_model(self.family, req.model) if req.model else None
         if req.prompt is not None:
+            self.check_text_size(len(req.prompt), "prompt")
             ids = await self.off_loop(self.tok.encode, req.prompt, size=len(req.prompt),
                                       add_special_tokens=req.add_special_tokens)
         else:

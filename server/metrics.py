@@ -172,6 +172,11 @@ class ServerMetrics:
         for model, n in s.kv_cache_tokens.items():
             if model in self.model_names:
                 self.kv_tokens.labels(model=model).set(n)
+        if not s.kv_cache_tokens and s.num_running == 0 and s.num_waiting == 0:
+            # A report without KV figures (e.g. after a cancel) that says nothing runs and
+            # nothing waits: no cache position is in use, and no step will follow to say so.
+            for m in self.model_names:
+                self.kv_tokens.labels(model=m).set(0)
         for model, n in s.kv_cache_bytes.items():
             if model in self.model_names:
                 self.kv_bytes.labels(model=model).set(n)

@@ -2,9 +2,10 @@
 
 Requests are lenient like vLLM's (`extra="allow"`): an OpenAI field this server does not
 implement is accepted and ignored rather than refused, because SDKs add new fields all the time.
-Fields it *does* implement are validated strictly, so that a bad value is a 400 naming the field
-(`param`), never a silent clamp. Family-specific checks (which experts exist, the context limit)
-need the loaded family and live in `server.app`.
+Fields it *does* implement are validated strictly (JSON types included), so that a bad value is a
+400 naming the field (`param`), never a silent clamp or coercion. These models are also the
+request schemas of `/openapi.json` (`server.openapi`). Family-specific checks (which experts
+exist, the context limit) need the loaded family and live in `server.handlers`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ KNOB_ALIASES = {"helpfulness": "helpful", "harmlessness": "harmless"}
 
 class OpenAIBaseModel(BaseModel):
     # Unknown fields are kept (and ignored), as vLLM does; `eft` is the only extension we read.
-    model_config = ConfigDict(extra="allow")
+    # Types are strict, as OpenAI's are: "5" is not an integer, "true" not a boolean, `false`
+    # not a token id (an integer is still a valid float).
+    model_config = ConfigDict(extra="allow", strict=True)
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -352,6 +355,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthResponse(BaseModel):
+    status: str
+    error: str | None = None
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    models: list[str] | None = None
+    error: str | None = None
 
 
 class TokenizeResponse(BaseModel):

@@ -65,6 +65,11 @@ class Generation:
         self._tasks: list[asyncio.Task[None]] = []
         self._finished = 0
         self.completed = False
+        self.closed = False
+
+    def abort(self, error: ApiError) -> None:
+        """End the consumer's `events()` with `error` (e.g. the shutdown deadline passed)."""
+        self._queue.put_nowait((-1, error))
 
     async def _pump(self, i: int, stream: AsyncIterator[SequenceOutput]) -> None:
         try:
@@ -80,10 +85,14 @@ class Generation:
     def start(self) -> None:
         """Submit everything. `Engine.submit` validates synchronously, so refusals (queue full,
         context too long, engine dead) raise here as ApiError, before any response is sent."""
-        streams = []
+        submit_all = getattr(self.engine, "submit_all", None)
         try:
-            for r in self.requests:
-                streams.append(self.engine.submit(r))
+            # One HTTP request is one admission unit: its prompts are queued together or not
+            # at all (an engine without `submit_all` takes them one by one).
+            if submit_all is not None:
+                streams = submit_all(self.requests)
+            else:
+                streams = [self.engine.submit(r) for r in self.requests]
         except Exception as exc:
             self.close()
             raise engine_error(exc) from exc
@@ -102,6 +111,7 @@ class Generation:
 
     def close(self) -> None:
         """Cancel whatever is still running (idempotent). Frees the engine's batch slots."""
+        self.closed = True
         for t in self._tasks:
             t.cancel()
         if not self.completed:
@@ -143,15 +153,49 @@ async def race_disconnect(request: Request, work: Awaitable[Response]) -> Respon
     raise ClientGone()
 
 
+PING = ": ping\n\n"  # an SSE comment: clients ignore it, proxies see a live connection
+
+
+async def with_pings(content: AsyncIterator[str], interval: float) -> AsyncIterator[str]:
+    """`content`, plus a comment ping whenever it has sent nothing for `interval` seconds
+    (a stream waiting in the queue would otherwise look dead to a proxy's idle timeout)."""
+    it = aiter(content)
+    nxt: asyncio.Future[str] | None = None
+    try:
+        while True:
+            if nxt is None:
+                nxt = asyncio.ensure_future(anext(it))
+            done, _ = await asyncio.wait({nxt}, timeout=interval)
+            if not done:
+                yield PING
+                continue
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            nxt = None
+            yield item
+    finally:
+        if nxt is not None and not nxt.done():
+            nxt.cancel()
+            with contextlib.suppress(BaseException):
+                await nxt
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
 class SSEResponse(StreamingResponse):
-    """`text/event-stream` that always stops (and closes its iterator) when the client goes."""
+    """`text/event-stream` that always stops (and closes its iterator) when the client goes,
+    with comment pings while it has nothing to send."""
 
     media_type = "text/event-stream"
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None,
-                 **kwargs: Any):
+                 ping_s: float = 15.0, **kwargs: Any):
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        super().__init__(content, headers=headers, **kwargs)
+        super().__init__(with_pings(content, ping_s), headers=headers, **kwargs)
         # Closing a generator that never started skips its `finally`; a client that leaves
         # before the first chunk must still free its engine requests, hence this hook.
         self.on_close = on_close

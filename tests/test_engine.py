@@ -494,7 +494,8 @@ def test_min_tokens_and_stop_token_ids(tiny_family):
 
 def test_queue_full_is_an_immediate_typed_rejection(tiny_family):
     async def go():
-        engine = Engine(tiny_family, EngineConfig(max_waiting=2))  # not started: nothing drains
+        # not started: nothing drains; 2 waiting fill both batch slots, so no slot is free
+        engine = Engine(tiny_family, EngineConfig(max_waiting=2, max_batch_size=2))
         engine.start = lambda: None
         engine.submit(request(tiny_family, "1", "a"))
         engine.submit(request(tiny_family, "2", "a"))

@@ -1,0 +1,112 @@
+"""Reading a request body: JSON only, bounded in size, time, nesting and text encoding.
+
+Everything a client can send is checked here before any model code sees it, so that no body
+can reach a 500: a non-JSON media type is a 415 (a browser's "simple" text/plain POST never gets
+to start a generation), a body over the size limit a 413, a body that trickles in slower than
+the read timeout a 408, and malformed JSON, nesting deeper than `MAX_DEPTH` or a string with a
+lone UTF-16 surrogate (valid JSON, but no tokenizer or UTF-8 encoder takes it) a 400.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from typing import Any
+
+from starlette.requests import Request
+
+from server.errors import ApiError, bad_request
+
+MAX_DEPTH = 32  # the deepest real request (chat content parts) is 5 levels
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_media_type(request: Request) -> None:
+    ctype = request.headers.get("content-type", "")
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        shown = media or "none"
+        raise ApiError(
+            415,
+            f"Unsupported Content-Type `{shown}`: send the body as `application/json`.",
+            param="Content-Type",
+            code="unsupported_media_type",
+        )
+
+
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise ApiError(413, f"Request body larger than {limit} bytes.", reason="too_large")
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"Request body larger than {limit} bytes.", reason="too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError as exc:
+        # The rest of the body may still trickle in: the connection cannot be reused.
+        raise ApiError(
+            408,
+            f"The request body did not arrive within {timeout:g} s.",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        ) from exc
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        body = json.loads(raw)
+    except RecursionError as exc:
+        raise bad_request(
+            f"The JSON body is nested more than {MAX_DEPTH} levels deep.", code="invalid_json"
+        ) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"Malformed JSON body: {exc}", code="invalid_json") from exc
+    check_structure(body)
+    return body
+
+
+def check_structure(body: Any) -> None:
+    """Iteratively (no recursion to exhaust): nesting depth and lone surrogates, naming the
+    first offending field."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_DEPTH:
+            raise bad_request(
+                f"The JSON body is nested more than {MAX_DEPTH} levels deep.",
+                param=_param(path[:1]),
+                code="invalid_json",
+            )
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                raise bad_request(
+                    f"{_param(path) or 'body'}: the string holds a lone UTF-16 "
+                    "surrogate, which is not text",
+                    param=_param(path),
+                )
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if _SURROGATE.search(k):
+                    raise bad_request(
+                        "A JSON key holds a lone UTF-16 surrogate.", param=_param(path)
+                    )
+                stack.append((v, (*path, k)))
+        elif isinstance(value, list):
+            stack.extend(
+                (v, (*path, str(i)))
+                for i, v in enumerate(value)
+                if isinstance(v, str | dict | list)
+            )  # token ids need no look
+
+
+def _param(path: tuple[str, ...]) -> str | None:
+    return ".".join(p for p in path if not p.isdigit()) or None

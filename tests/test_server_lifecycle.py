@@ -1,0 +1,163 @@
+"""A real `eft-serve` process: connection deadlines and cap, and the shutdown deadline.
+
+The server runs with a 1 s read timeout, at most 8 connections, one batch slot and a 1 s
+shutdown timeout; the last test stops it with SIGTERM while streams are open.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.process import ServerProcess
+
+FAMILY = "tiny"
+MAX_CONNECTIONS = 8
+
+
+@pytest.fixture(scope="module")
+def server(tiny_family_path, tmp_path_factory):
+    log = tmp_path_factory.mktemp("eft-serve") / "server.log"
+    args = (
+        "--read-timeout",
+        "1",
+        "--max-connections",
+        str(MAX_CONNECTIONS),
+        "--shutdown-timeout",
+        "1",
+        "--max-batch-size",
+        "1",
+        "--max-waiting",
+        "8",
+        "--threads",
+        "1",
+        "--log-level",
+        "info",
+    )
+    with ServerProcess(tiny_family_path, *args, log_path=log, ready_timeout=90) as srv:
+        yield srv
+
+
+def waiting(server) -> float:
+    text = httpx.get(f"{server.url}/metrics", timeout=5).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "eft_num_requests_waiting":
+                return s.value
+    raise KeyError("eft_num_requests_waiting")
+
+
+def connect(server) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    return sock
+
+
+def closed_within(sock: socket.socket, seconds: float) -> tuple[bool, bytes]:
+    """Whether the server closes `sock` within `seconds`, and what it sent before."""
+    sock.settimeout(seconds)
+    got = b""
+    try:
+        while True:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return True, got
+            got += chunk
+    except TimeoutError:
+        return False, got
+    except ConnectionResetError:
+        return True, got
+
+
+def test_half_sent_request_head_is_closed_after_the_read_timeout(server):
+    sock = connect(server)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app")
+    t0 = time.monotonic()
+    closed, _ = closed_within(sock, 5)
+    assert closed, "a half-sent request head holds its connection"
+    assert 0.5 < time.monotonic() - t0 < 4
+    sock.close()
+
+
+def test_trickling_body_is_408_after_the_read_timeout(server):
+    sock = connect(server)
+    sock.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"mod'
+    )
+    closed, got = closed_within(sock, 5)
+    sock.close()
+    head, _, body = got.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), got[:200]
+    assert b"x-request-id" in head.lower()
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_connections_beyond_the_cap_are_closed(server):
+    socks = [connect(server) for _ in range(MAX_CONNECTIONS)]
+    try:
+        extra = connect(server)
+        closed, _ = closed_within(extra, 0.5)
+        assert closed, "a connection beyond --max-connections stays open"
+        extra.close()
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.2)
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_shutdown_timeout_ends_open_requests_cleanly(server):
+    """Last in the module: stops the server. One batch slot: the first stream runs, the
+    second stream and a plain request wait; SIGTERM, and 1 s later all of them end."""
+    body = {"model": FAMILY, "prompt": "the", "max_tokens": 400, "ignore_eos": True}
+    streams: list[list[str]] = [[], []]
+    plain: list[httpx.Response] = []
+    first = threading.Event()
+
+    def stream(i: int) -> None:
+        with httpx.stream(
+            "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    first.set()
+                if line:
+                    streams[i].append(line)
+
+    def post() -> None:
+        plain.append(httpx.post(f"{server.url}/v1/completions", json=body, timeout=60))
+
+    threads = [threading.Thread(target=stream, args=(0,))]
+    threads[0].start()
+    assert first.wait(30)
+    threads += [threading.Thread(target=stream, args=(1,)), threading.Thread(target=post)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 30
+    while waiting(server) < 2:  # both queued behind the first
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    server.proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(30)
+    assert server.proc.wait(30) == 0
+    log = server.output()
+    for lines in streams:
+        data = [ln for ln in lines if ln.startswith("data: ")]
+        assert data[-1] == "data: [DONE]", data[-3:]
+        last = json.loads(data[-2][len("data: ") :])
+        finished = last.get("choices") and last["choices"][0].get("finish_reason")
+        assert finished == "length" or last["error"]["code"] == "server_shutting_down", last
+    waited = json.loads([ln for ln in streams[1] if ln.startswith("data: ")][-2][6:])
+    assert waited["error"]["code"] == "server_shutting_down"  # it never got a slot
+    assert plain[0].status_code == 503, plain[0].text
+    assert plain[0].json()["error"]["code"] == "server_shutting_down"
+    assert log.count("shutdown timeout") == 1, log[-3000:]
+    assert "Traceback" not in log and "Cancel" not in log, log[-3000:]
