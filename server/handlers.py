@@ -27,6 +27,7 @@ from decoding.request import (
     SamplingParams,
     SequenceOutput,
     TokenLogprob,
+    TokenTrace,
 )
 from server import logprobs as LP
 from server import protocol as P
@@ -35,6 +36,7 @@ from server.knobs import build_composition, resolve_model
 from server.metrics import ServerMetrics
 from server.streaming import Generation, SSEResponse
 from server.tokens import TokenText
+from server.trace import TraceFormatter
 
 _DONE = "data: [DONE]\n\n"
 M = TypeVar("M", bound=BaseModel)
@@ -66,9 +68,15 @@ def _stream_chunk(chunk: BaseModel, include_usage: bool) -> str:
         # OpenAI's deltas name only what they carry: {"role": ...} first, then {"content": ...}.
         if "delta" in choice:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
-        if choice.get("prompt_logprobs", 0) is None:
-            del choice["prompt_logprobs"]
+        _drop_unasked(choice)
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _drop_unasked(choice: dict[str, Any]) -> None:
+    """Extension fields appear only when asked for (as vLLM's prompt_logprobs)."""
+    for key in ("prompt_logprobs", "trace", "prompt_trace"):
+        if choice.get(key, 0) is None:
+            del choice[key]
 
 
 def _shutting_down() -> ApiError:
@@ -117,6 +125,8 @@ class _Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    trace: list[TokenTrace] = field(default_factory=list)
+    prompt_trace: list[TokenTrace | None] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
@@ -134,6 +144,7 @@ class _Run:
     timings: list[_Timing]
     prompt_tokens: int
     knobs: dict[str, float] | None
+    trace: TraceFormatter | None  # with "eft": {"trace": true}
 
 
 StreamResponse = P.CompletionStreamResponse | P.ChatCompletionStreamResponse
@@ -169,6 +180,7 @@ class Handlers:
 
     def sampling(self, req: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
                  logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
+        """The engine's sampling parameters (with the `eft.trace` switch)."""
         vocab = self.vocab
         for t in req.stop_token_ids or []:
             if not 0 <= t < vocab:
@@ -193,6 +205,7 @@ class Handlers:
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
+            trace=bool((req.eft or {}).get("trace")),
         )
 
     def check_context(self, prompt_lens: dict[str, int], max_tokens: int | None,
@@ -271,7 +284,8 @@ class Handlers:
                               param="messages") from exc
 
     def composition(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> Composition:
-        return build_composition(self.family, req.model, req.eft, self.allow_negative_weights)
+        knobs = {k: v for k, v in (req.eft or {}).items() if k not in P.EFT_FLAGS}
+        return build_composition(self.family, req.model, knobs, self.allow_negative_weights)
 
     def start(self, rid: str, req: P.CompletionRequest | P.ChatCompletionRequest,
               prompts: list[dict[str, list[int]]], comp: Composition, params: SamplingParams,
@@ -287,8 +301,10 @@ class Handlers:
         gen.start()
         self.open.add(gen)
         self.metrics.knobs_used(comp.coeffs)
+        trace = TraceFormatter(self.family, comp, self.ttext) if params.trace else None
         return _Run(rid=rid, model=req.model, n=req.n, gen=gen, timings=timings,
-                    prompt_tokens=prompt_tokens, knobs=dict(comp.knobs) if comp.knobs else None)
+                    prompt_tokens=prompt_tokens, knobs=dict(comp.knobs) if comp.knobs else None,
+                    trace=trace)
 
     # ---------------------------------------------------------------- engine -> choices
 
@@ -299,6 +315,10 @@ class Handlers:
             ch.logprobs += out.logprobs
         if out.prompt_logprobs is not None:
             ch.prompt_logprobs = out.prompt_logprobs
+        if out.trace:
+            ch.trace += out.trace
+        if out.prompt_trace is not None:
+            ch.prompt_trace = out.prompt_trace
         timing.tokens(out.index, len(out.token_ids))
         if out.finish_reason is not None:
             ch.finish_reason = out.finish_reason
@@ -428,14 +448,16 @@ class Handlers:
                                         finish_reason=ch.finish_reason, stop_reason=ch.stop_reason)
             if req.prompt_logprobs is not None:
                 choice.prompt_logprobs = LP.vllm_prompt_logprobs(self.ttext, plp)
+            if run.trace is not None:
+                choice.trace = run.trace.entries(ch.trace)
+                choice.prompt_trace = run.trace.entries(ch.prompt_trace or first.prompt_trace)
             out_choices.append(choice)
         usage = self.finish(run, sum(len(ch.token_ids) for ch in choices.values()))
         resp = P.CompletionResponse(id=run.rid, model=req.model, choices=out_choices, usage=usage,
                                     eft=run.knobs)
         data = resp.model_dump(mode="json")
-        if req.prompt_logprobs is None:  # vLLM's field only when asked for
-            for c in data["choices"]:
-                del c["prompt_logprobs"]
+        for c in data["choices"]:
+            _drop_unasked(c)
         return JSONResponse(data)
 
     def stream_completion(self, req: P.CompletionRequest, run: _Run, prompts: list[list[int]],
@@ -458,10 +480,13 @@ class Handlers:
             if not ch.started and echo_text is not None:
                 text = echo_text[pi] + text
             ch.started = True
-            if not text and out.finish_reason is None and not (lp and lp.tokens):
+            trace = run.trace.entries(out.trace) if run.trace is not None and out.trace else None
+            ptrace = run.trace.entries(out.prompt_trace) if run.trace is not None else None
+            if not text and out.finish_reason is None and not (lp and lp.tokens) and not trace:
                 return None
             return P.CompletionChoice(index=idx, text=text, logprobs=lp,
-                                      finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                                      finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                                      trace=trace, prompt_trace=ptrace)
 
         return self.stream(run, P.CompletionStreamResponse, _include_usage(req), to_choice)
 
@@ -489,13 +514,17 @@ class Handlers:
             ch = choices[idx]
             lp = LP.chat_logprobs(self.ttext, ch.logprobs, k) if k is not None else None
             msg = P.ChatResponseMessage(content=ch.text)
+            trace = run.trace.entries(ch.trace) if run.trace is not None else None
             out_choices.append(P.ChatChoice(index=idx, message=msg, logprobs=lp,
                                             finish_reason=ch.finish_reason,
-                                            stop_reason=ch.stop_reason))
+                                            stop_reason=ch.stop_reason, trace=trace))
         usage = self.finish(run, sum(len(ch.token_ids) for ch in choices.values()))
         resp = P.ChatCompletionResponse(id=run.rid, model=req.model, choices=out_choices,
                                         usage=usage, eft=run.knobs)
-        return JSONResponse(resp.model_dump(mode="json"))
+        data = resp.model_dump(mode="json")
+        for c in data["choices"]:
+            _drop_unasked(c)
+        return JSONResponse(data)
 
     def stream_chat(self, req: P.ChatCompletionRequest, run: _Run, k: int | None
                     ) -> AsyncIterator[str]:
@@ -504,11 +533,13 @@ class Handlers:
             lp = None
             if k is not None and out.logprobs:
                 lp = LP.chat_logprobs(self.ttext, out.logprobs, k)
-            if not out.text and out.finish_reason is None and lp is None:
+            trace = run.trace.entries(out.trace) if run.trace is not None and out.trace else None
+            if not out.text and out.finish_reason is None and lp is None and trace is None:
                 return None
             delta = P.DeltaMessage(content=out.text) if (out.text or lp) else P.DeltaMessage()
             return P.ChatStreamChoice(index=idx, delta=delta, logprobs=lp,
-                                      finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+                                      finish_reason=out.finish_reason, stop_reason=out.stop_reason,
+                                      trace=trace)
 
         # OpenAI sends the role first, in a chunk of its own, once per choice.
         roles = [P.ChatStreamChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))

@@ -40,14 +40,24 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool = False
 
 
-def _check_knobs(v: Any) -> dict[str, float] | None:
-    """Type-level knob checks: a flat object of finite numbers. Names are checked per family."""
+# `eft` keys that are switches rather than knobs: true or false.
+EFT_FLAGS = ("trace", "speculative")
+
+
+def _check_knobs(v: Any) -> dict[str, float | bool] | None:
+    """Type-level knob checks: a flat object of finite numbers (and the boolean switches
+    `trace`, `speculative`). Names are checked per family."""
     if v is None:
         return None
     if not isinstance(v, dict):
         raise ValueError("eft must be an object of knob names to numbers")
-    out: dict[str, float] = {}
+    out: dict[str, float | bool] = {}
     for key, value in v.items():
+        if key in EFT_FLAGS:
+            if not isinstance(value, bool):
+                raise ValueError(f"eft.{key} must be true or false")
+            out[key] = value
+            continue
         # bool is an int subclass in Python; `true` as a weight is almost surely a client bug.
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"eft.{key} must be a number, not {type(value).__name__}")
@@ -81,7 +91,7 @@ class _SamplingFields(OpenAIBaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
     # the extension
-    eft: dict[str, Any] | None = None
+    eft: dict[str, Any] | None = None  # knob -> weight or filter value; `trace`, `speculative`
 
     @field_validator("stop")
     @classmethod
@@ -97,7 +107,7 @@ class _SamplingFields(OpenAIBaseModel):
 
     @field_validator("eft", mode="before")
     @classmethod
-    def _eft(cls, v: Any) -> dict[str, float] | None:
+    def _eft(cls, v: Any) -> dict[str, float | bool] | None:
         return _check_knobs(v)
 
     @field_validator("logit_bias")
@@ -250,6 +260,20 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class TraceToken(BaseModel):
+    """One token of `"eft": {"trace": true}`: each model's log-prob of it, by role."""
+
+    token_id: int
+    token: str
+    logprob: float  # under the composed distribution
+    base: float | None  # lp_base (None when the request did not use the base)
+    reference: float | None  # lp_reference
+    experts: dict[str, float]  # lp_e of each expert the request used
+    rewards: dict[str, float]  # implicit reward r_e = lp_e - lp_reference
+    changed_vs_base: bool | None  # the token is not the base model's own argmax
+    changed_vs_expert: bool | None  # ... nor the strongest expert's own argmax
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
@@ -257,6 +281,8 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     prompt_logprobs: list[dict[str, Any] | None] | None = None  # vLLM's, when asked for
+    trace: list[TraceToken] | None = None  # with "eft": {"trace": true}
+    prompt_trace: list[TraceToken | None] | None = None  # ... and echo scoring
 
 
 def _now() -> int:
@@ -315,6 +341,7 @@ class ChatChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    trace: list[TraceToken] | None = None  # with "eft": {"trace": true}
 
 
 class ChatCompletionResponse(_ResponseBase):
@@ -334,6 +361,7 @@ class ChatStreamChoice(BaseModel):
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    trace: list[TraceToken] | None = None  # this chunk's tokens, with "eft": {"trace": true}
 
 
 class ChatCompletionStreamResponse(_ResponseBase):
