@@ -14,3 +14,5 @@ class EngineConfig:
     max_num_batched_tokens: int = 512
     seed: int = 0  # of the generator shared by unseeded requests
     idle_wait_s: float = 0.5  # how long the idle loop sleeps between checks for shutdown
+    # Speculative EFT: "auto" (where it measures faster), "off", or "K" (always, blocks <= K).
+    speculative: str = "auto"

@@ -48,6 +48,7 @@ from .runner import ModelRunner, UnsupportedModelError
 from .sampler import Part, Sampler, prompt_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import RequestState, Sequence
+from .speculative import SpecPolicy, SpeculativeDecoder, drafter
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -102,6 +103,11 @@ class Engine:
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
         )
+        self.spec_policy = SpecPolicy(str(self.config.speculative))
+        self.speculator = SpeculativeDecoder(
+            self.runners, self.sampler, family.vocab_size, family.device, self.spec_policy
+        )
+        self._experts = tuple(family.config.experts)
         # Per-row tensors are rebuilt only when the rows they were built for change.
         self._batch: list[Sequence] = []  # rows of `_last`, the next decode's input tokens
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -282,7 +288,10 @@ class Engine:
         events: Events = []
         joined, joined_parts = self._run_prefill(plan.prefill, stats, events)
         rows = plan.decode + joined
-        if rows:
+        drafters = self._drafters(plan.decode) if not joined and not plan.prefill else None
+        if drafters is not None:
+            self._speculate(plan.decode, drafters, stats, events)
+        elif rows:
             try:
                 parts = self._run_decode(plan.decode, stats) + [
                     (name, idx + len(plan.decode), coef, lp) for name, idx, coef, lp in joined_parts
@@ -309,6 +318,53 @@ class Engine:
         self._retire()
         self._deliver(events)
         self._finish_stats(stats, events, t_start)
+        if not plan.prefill and not joined and plan.decode:
+            self.spec_policy.observe(
+                len(plan.decode), drafters is not None, stats.step_seconds, stats.generated_tokens
+            )
+
+    # ---------------------------------------------------------------- speculation
+
+    def _drafters(self, rows: list[Sequence]) -> list[str] | None:
+        """Each row's drafting model when this step should be speculative, else None: every
+        row must be able to speculate (an expert to draft with, no penalties, no trace, not a
+        seeded sample, whose stream must not depend on the batch) and the policy must say so."""
+        if not rows:
+            return None
+        out = []
+        for seq in rows:
+            p = seq.params
+            name = drafter(seq, self._experts)
+            if name is None or p.trace or (p.seed is not None and p.temperature > 0):
+                return None
+            out.append(name)
+        return out if self.spec_policy.use(len(rows)) else None
+
+    def _speculate(
+        self, rows: list[Sequence], drafters: list[str], stats: StepStats, events: Events
+    ) -> None:
+        try:
+            if rows != self._sampler_rows:
+                self.sampler.prepare(rows)
+                self._sampler_rows = rows
+            result = self.speculator.step(rows, drafters, self._last, stats)
+        except Exception as exc:  # noqa: BLE001 - fails these rows, not the server
+            log.exception("speculative step failed")
+            events += [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
+            self._batch, self._sampler_rows = [], []
+            self._last = self._last[:0]
+            return
+        eos = self.family.eos_token_ids
+        for seq, tokens, lps in zip(rows, result.tokens, result.logprobs):
+            for tok, lp in zip(tokens, lps):
+                events.append((seq.request, seq.append(tok, eos, lp)))
+                stats.generated_tokens += 1
+                if seq.finished:
+                    break
+        self._batch, self._last = rows, result.last
+        stats.batch_size = len(rows)
+        stats.spec_draft_tokens = result.drafted
+        stats.spec_accepted_tokens = result.accepted
 
     # ---------------------------------------------------------------- prefill
 
@@ -471,6 +527,7 @@ class Engine:
         done = self.scheduler.retire()
         for seq in done:
             self._free_row(seq)
+            self.spec_policy.forget(seq)
         if done and batch:
             keep = [i for i, s in enumerate(batch) if not s.finished]
             index = torch.tensor(keep, dtype=torch.long, device=self.device)

@@ -69,6 +69,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: none; k >= 0: per prompt token (echo scoring)
     skip_special_tokens: bool = True
     trace: bool = False  # per-token log-probs of every model used (TokenTrace)
+    speculative: bool = True  # False: this request never decodes speculatively
 
     @property
     def has_penalties(self) -> bool:
@@ -160,3 +161,5 @@ class StepStats:
     kv_cache_tokens: dict[str, int] = field(default_factory=dict)  # per model, slots in use
     kv_cache_bytes: dict[str, int] = field(default_factory=dict)
     finished: list[tuple[str, str]] = field(default_factory=list)  # (request_id, finish_reason)
+    spec_draft_tokens: int = 0  # speculative decoding: tokens drafted this step
+    spec_accepted_tokens: int = 0  # ... and accepted by the verification

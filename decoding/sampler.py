@@ -193,23 +193,7 @@ class Sampler:
         t0 = time.perf_counter()
         composed = combine(len(rows), [(i, c, lp) for _, i, c, lp in parts])
         combine_seconds = time.perf_counter() - t0
-        finite = torch.isfinite(composed).all(dim=-1)
-        scores = composed.nan_to_num(nan=-torch.inf)
-        if bp.penalties is not None:
-            scores = bp.penalties.apply(scores)
-        banned = self._bans(rows, scores)
-        if banned is not None:
-            scores = scores.masked_fill(banned, -torch.inf)
-        logits = scores
-        if not bp.all_greedy:
-            logits = top_k_top_p_min_p(scores / bp.temperature.unsqueeze(-1), bp)
-        if bp.filters is not None:
-            logits = logits.masked_fill(
-                bp.filters.mask(len(rows), self.vocab, parts, banned), -torch.inf
-            )
-        # Safety net: a row the filters emptied falls back to its scores before them.
-        empty = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
-        logits = torch.where(empty, scores, logits)
+        logits, finite = self.target_logits(rows, parts, composed)
         tokens = self._draw(logits, bp)
         tokens = torch.where(finite, tokens, torch.full_like(tokens, -1))
         on_device = tokens.clamp_min(0)
@@ -224,11 +208,84 @@ class Sampler:
             combine_seconds,
         )
 
-    def _bans(self, rows: list[Sequence], scores: torch.Tensor) -> torch.Tensor | None:
+    def target_logits(
+        self, rows: list[Sequence], parts: list[Part], composed: torch.Tensor, ahead: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The distribution each row samples from, as logits (-inf where ruled out), and
+        whether its composed distribution is finite. `ahead`: tokens the rows are assumed to
+        have beyond their output (a speculative block's position), for `min_tokens`."""
+        bp = self.params
+        finite = torch.isfinite(composed).all(dim=-1)
+        scores = composed.nan_to_num(nan=-torch.inf)
+        if bp.penalties is not None:
+            scores = bp.penalties.apply(scores)
+        banned = self._bans(rows, scores, ahead)
+        if banned is not None:
+            scores = scores.masked_fill(banned, -torch.inf)
+        logits = scores
+        if not bp.all_greedy:
+            logits = top_k_top_p_min_p(scores / bp.temperature.unsqueeze(-1), bp)
+        if bp.filters is not None:
+            logits = logits.masked_fill(
+                bp.filters.mask(len(rows), self.vocab, parts, banned), -torch.inf
+            )
+        # Safety net: a row the filters emptied falls back to its scores before them.
+        empty = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
+        return torch.where(empty, scores, logits), finite
+
+    def draft_logits(self, rows: list[Sequence], lp: torch.Tensor, ahead: int) -> torch.Tensor:
+        """A drafting model's distribution after the rows' own bans, temperature, top-k, top-p
+        and min-p (the EFT filters need the base, which does not draft)."""
+        bp = self.params
+        scores = lp.nan_to_num(nan=-torch.inf)
+        banned = self._bans(rows, scores, ahead)
+        if banned is not None:
+            scores = scores.masked_fill(banned, -torch.inf)
+        if bp.all_greedy:
+            return scores
+        logits = top_k_top_p_min_p(scores / bp.temperature.unsqueeze(-1), bp)
+        empty = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
+        return torch.where(empty, scores, logits)
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities of `logits`; a greedy row puts all its mass on its argmax."""
+        bp = self.params
+        probs = torch.softmax(logits, dim=-1)
+        if bp.all_greedy or bp.greedy.any():
+            onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
+            probs = torch.where(bp.greedy.unsqueeze(-1), onehot, probs)
+        return probs
+
+    def noise(
+        self, shape: tuple[int, ...], kind: str, active: list[bool] | None = None
+    ) -> torch.Tensor:
+        """Per-row random numbers ("uniform" or "exponential"), each seeded row from its own
+        generator (only where `active`, so a row's stream never depends on its companions),
+        the others from the shared one."""
+        bp = self.params
+        out = torch.ones(shape, device=self.device)
+        seeded = [i for i, g in enumerate(bp.generators) if g is not None]
+
+        def fill(t: torch.Tensor, g: torch.Generator) -> None:
+            if kind == "uniform":
+                t.uniform_(generator=g)
+            else:
+                t.exponential_(generator=g)
+
+        if len(seeded) < len(bp.generators):
+            fill(out, self.shared)
+        for i in seeded:
+            if active is None or active[i]:
+                fill(out[i], bp.generators[i])
+        return out
+
+    def _bans(
+        self, rows: list[Sequence], scores: torch.Tensor, ahead: int = 0
+    ) -> torch.Tensor | None:
         """[B, V] True for EOS / stop ids of rows still under `min_tokens`, or None."""
         r, c = [], []
         for i, s in enumerate(rows):
-            if len(s.output) < s.params.min_tokens:
+            if len(s.output) + ahead < s.params.min_tokens:
                 ids = set(s.params.stop_token_ids) | (
                     set() if s.params.ignore_eos else self.eos_ids
                 )
@@ -248,14 +305,9 @@ class Sampler:
         argmax = logits.argmax(dim=-1)
         if bp.all_greedy:
             return argmax
-        probs = torch.softmax(logits, dim=-1)
-        noise = torch.empty_like(probs)
-        seeded = [i for i, g in enumerate(bp.generators) if g is not None]
-        if len(seeded) < len(bp.generators):
-            noise.exponential_(generator=self.shared)
-        for i in seeded:
-            noise[i].exponential_(generator=bp.generators[i])
-        sampled = (probs / noise).argmax(dim=-1)
+        sampled = (torch.softmax(logits, dim=-1) / self.noise(logits.shape, "exponential")).argmax(
+            -1
+        )
         return torch.where(bp.greedy, argmax, sampled)
 
     def _logprobs(self, rows, composed, tokens, token_list, bp) -> list[TokenLogprob | None]:

@@ -39,6 +39,12 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _speculative(value: str) -> str:
+    if value in ("auto", "off") or (value.isdigit() and 1 <= int(value) <= 8):
+        return value
+    raise argparse.ArgumentTypeError("must be auto, off or a block length from 1 to 8")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="eft-serve",
@@ -75,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences decoded together in one step (n siblings count separately)")
     p.add_argument("--max-waiting", type=int, default=128,
                    help="requests queued for a batch slot; beyond it requests get 429")
+    p.add_argument("--speculative", default="auto", type=_speculative,
+                   help="speculative EFT decoding (the expert drafts, the models verify; the "
+                        "output distribution is unchanged): auto (only where it measures "
+                        "faster), off, or K (always, blocks of up to K tokens)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens one step may process: one per decoding row, the rest for prompt "
                         "chunks (longer prompts are chunked; default 512)")
@@ -182,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         family = load_family(config, device=args.device, dtype=args.dtype,
                              max_model_len=args.max_model_len)
         metrics = ServerMetrics.for_family(family)
-        engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting)
+        engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
+                                  speculative=args.speculative)
         if args.max_num_batched_tokens:
             engine_cfg.max_num_batched_tokens = args.max_num_batched_tokens
         engine = Engine(family, engine_cfg, on_step=metrics.on_step)  # refuses an architecture

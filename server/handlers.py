@@ -206,6 +206,7 @@ class Handlers:
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=req.skip_special_tokens,
             trace=bool((req.eft or {}).get("trace")),
+            speculative=bool((req.eft or {}).get("speculative", True)),
         )
 
     def check_context(self, prompt_lens: dict[str, int], max_tokens: int | None,

@@ -1,0 +1,254 @@
+"""Speculative EFT: the small expert drafts, every model verifies, the output is unchanged.
+
+One speculative step for rows that each have a pending token `t0` (EFT paper, speculative
+decoding; Leviathan et al. / Chen et al. for the accept rule):
+
+1. **Draft.** Each row's drafter (the heaviest expert of its composition) decodes `k_i` tokens
+   alone: `x_j ~ q_j`, where `q_j` is the drafter's distribution after the row's own bans,
+   temperature, top-k, top-p and min-p.
+2. **Verify.** Every model the row uses forwards `[t0, x_1 .. x_k]` in one multi-token pass over
+   its KV slots, so at each position `j` the engine has the exact target `p_j`: the composed
+   EFT distribution after the same bans, temperature and filters it samples from otherwise.
+3. **Accept.** Left to right, `x_j` is kept with probability `min(1, p_j(x_j) / q_j(x_j))`; the
+   first rejected position samples from `norm(max(0, p_j - q_j))` instead and ends the block; a
+   fully accepted block adds a bonus token from `p_k`. Each emitted token is then distributed
+   exactly as without speculation (greedy rows: one-hot p and q, so the output is the greedy
+   output).
+4. **Roll back.** Every model's slot keeps `t0` and the accepted tokens; the rest of the block
+   is dropped by shortening the slot (the KV past its length is never read).
+
+Rows with penalties do not speculate (their target would depend on the block's own tokens), nor
+rows that use no expert or opted out. `SpecPolicy` adapts each row's block length to its
+acceptance, and in `auto` mode speculates at a batch size only while it measures fewer seconds
+per generated token there than plain decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .composition import combine, log_probs
+from .request import TokenLogprob
+from .runner import ModelRunner
+from .sampler import Sampler
+from .sequence import Sequence
+
+MAX_BLOCK = 8
+
+
+def drafter(seq: Sequence, experts: tuple[str, ...]) -> str | None:
+    """The model that drafts for this row: its heaviest expert, or None (no speculation)."""
+    p = seq.params
+    if not p.speculative or p.has_penalties:
+        return None
+    coeffs = seq.request.req.composition.coeffs
+    used = [e for e in experts if coeffs.get(e, 0.0) > 0 and e in seq.slots]
+    if not used or len(coeffs) < 2:
+        return None
+    return max(used, key=lambda e: coeffs[e])
+
+
+@dataclass
+class SpecPolicy:
+    """When to speculate and how far: `mode` is "off", "auto" or a fixed maximum block."""
+
+    mode: str = "auto"
+    probe_every: int = 32  # auto: steps between re-measurements of the option not in use
+    block: dict[int, int] = field(default_factory=dict)  # id(Sequence) -> its next k
+    cost: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, spec) -> s/tok
+    steps: dict[int, int] = field(default_factory=dict)  # bucket -> steps seen
+
+    @property
+    def max_block(self) -> int:
+        return int(self.mode) if self.mode.isdigit() else 4
+
+    def use(self, batch: int) -> bool:
+        if self.mode == "off" or self.max_block < 1:
+            return False
+        if self.mode != "auto":
+            return True
+        bucket = _bucket(batch)
+        n = self.steps[bucket] = self.steps.get(bucket, 0) + 1
+        spec, plain = self.cost.get((bucket, True)), self.cost.get((bucket, False))
+        if spec is None or plain is None:
+            return spec is None  # measure speculation first, then plain decoding
+        faster = spec < plain
+        return faster != (n % self.probe_every == 0)  # now and then, re-measure the other
+
+    def observe(self, batch: int, spec: bool, seconds: float, tokens: int) -> None:
+        if self.mode != "auto" or tokens == 0:
+            return
+        key = (_bucket(batch), spec)
+        per_token = seconds / tokens
+        old = self.cost.get(key)
+        self.cost[key] = per_token if old is None else 0.7 * old + 0.3 * per_token
+
+    def block_for(self, seq: Sequence) -> int:
+        return self.block.get(id(seq), min(4, self.max_block))
+
+    def accepted(self, seq: Sequence, k: int, accepted: int) -> None:
+        """Grow a row's block after a full acceptance, shrink it to what was accepted."""
+        if accepted == k:
+            self.block[id(seq)] = min(k + 1, self.max_block, MAX_BLOCK)
+        else:
+            self.block[id(seq)] = max(1, accepted + 1)
+
+    def forget(self, seq: Sequence) -> None:
+        self.block.pop(id(seq), None)
+
+
+def _bucket(batch: int) -> int:
+    return 1 << (batch - 1).bit_length()
+
+
+@dataclass
+class SpecResult:
+    tokens: list[list[int]]  # per row, the tokens to emit (1 .. k+1)
+    logprobs: list[list[TokenLogprob | None]]  # per row and token, when asked for
+    last: torch.Tensor  # [B] each row's last emitted token: the next step's input
+    drafted: int
+    accepted: int
+
+
+class SpeculativeDecoder:
+    def __init__(self, runners: dict[str, ModelRunner], sampler: Sampler, vocab: int,
+                 device: torch.device, policy: SpecPolicy):  # fmt: skip
+        self.runners = runners
+        self.sampler = sampler
+        self.vocab = vocab
+        self.device = device
+        self.policy = policy
+
+    @torch.inference_mode()
+    def step(
+        self, rows: list[Sequence], drafters: list[str], last: torch.Tensor, stats
+    ) -> SpecResult:
+        dev = self.device
+        b = len(rows)
+        ks = [self.policy.block_for(s) for s in rows]
+        kmax = max(ks)
+        t0_list = last.tolist()
+        start = {name: {s: r.lengths[s] for s in r.active} for name, r in self.runners.items()}
+
+        # 1. Draft: k_i tokens per row from its drafter, q_j kept for the accept rule.
+        q = torch.zeros(kmax, b, self.vocab, device=dev)
+        drafts = torch.zeros(b, kmax, dtype=torch.long, device=dev)
+        inputs = last.clone()
+        for j in range(kmax):
+            lp = torch.zeros(b, self.vocab, device=dev)
+            for name in set(drafters):
+                idx = [i for i in range(b) if drafters[i] == name and ks[i] > j]
+                if not idx:
+                    continue
+                index = torch.tensor(idx, device=dev)
+                t = time.perf_counter()
+                logits = self.runners[name].decode(
+                    [rows[i].slots[name] for i in idx], inputs.index_select(0, index)
+                )
+                _add_time(stats, name, t)
+                lp.index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
+            q[j] = self.sampler.probs(self.sampler.draft_logits(rows, lp, ahead=j))
+            noise = self.sampler.noise((b, self.vocab), "exponential", [k > j for k in ks])
+            drafts[:, j] = (q[j] / noise).argmax(-1)
+            inputs = drafts[:, j]
+        draft_list = drafts.tolist()
+
+        # 2. Verify: every model forwards [t0, x_1 .. x_k] of its rows in one pass.
+        for name, runner in self.runners.items():
+            for seq in rows:
+                if name in seq.slots:
+                    runner.lengths[seq.slots[name]] = start[name][seq.slots[name]]
+        per_pos: list[list] = [[] for _ in range(kmax + 1)]  # position -> parts
+        for name, runner in self.runners.items():
+            idx = [i for i in range(b) if name in rows[i].slots]
+            if not idx:
+                continue
+            chunks = [[t0_list[i]] + draft_list[i][: ks[i]] for i in idx]
+            t = time.perf_counter()
+            logits = runner.prefill([rows[i].slots[name] for i in idx], chunks, keep_all=True)
+            _add_time(stats, name, t)
+            index = torch.tensor(idx, device=dev)
+            coef = torch.tensor(
+                [rows[i].request.req.composition.coeffs[name] for i in idx], device=dev
+            )
+            lps = log_probs(logits.to(dev), self.vocab)  # [rows, longest chunk, V]
+            for j in range(kmax + 1):
+                # Past a row's own block its entries are padding, never read.
+                per_pos[j].append((name, index, coef, lps[:, min(j, lps.shape[1] - 1)]))
+
+        # 3. Accept left to right; the first rejection resamples from the residual.
+        emitted: list[list[int]] = [[] for _ in range(b)]
+        lps: list[list[TokenLogprob | None]] = [[] for _ in range(b)]
+        open_rows = [True] * b
+        want_lp = [s.params.logprobs for s in rows]
+        accepted_total = 0
+        for j in range(kmax + 1):
+            parts = per_pos[j]
+            composed = combine(b, [(i, c, lp) for _, i, c, lp in parts])
+            logits, finite = self.sampler.target_logits(rows, parts, composed, ahead=j)
+            p = self.sampler.probs(logits)
+            x = drafts[:, j] if j < kmax else torch.zeros(b, dtype=torch.long, device=dev)
+            has_draft = torch.tensor([ks[i] > j for i in range(b)], device=dev)
+            if j < kmax:
+                px = p.gather(1, x.unsqueeze(-1)).squeeze(-1)
+                qx = q[j].gather(1, x.unsqueeze(-1)).squeeze(-1)
+                u = self.sampler.noise(
+                    (b,), "uniform", [o and k > j for o, k in zip(open_rows, ks)]
+                )
+                keep = has_draft & (u * qx < px)
+                residual = (p - q[j]).clamp_min(0)
+                empty = residual.sum(-1, keepdim=True) <= 0
+                residual = torch.where(empty, p, residual)
+                # Rows whose block ended before j take their bonus token from p.
+                residual = torch.where(has_draft.unsqueeze(-1), residual, p)
+            else:
+                keep = torch.zeros(b, dtype=torch.bool, device=dev)
+                residual = p
+            # A row whose block ends here draws from the residual (rejected) or p (bonus).
+            ending = [o and not kp for o, kp in zip(open_rows, keep.tolist())]
+            noise = self.sampler.noise((b, self.vocab), "exponential", ending)
+            pick = (residual / noise).argmax(-1)
+            pick = torch.where(self.sampler.params.greedy, logits.argmax(-1), pick)
+            choice = torch.where(keep, x, pick)
+            choice = torch.where(finite, choice, torch.full_like(choice, -1))
+            chosen = choice.tolist()
+            kept = keep.tolist()
+            lp_rows = None
+            if any(w is not None for w in want_lp):
+                safe = choice.clamp_min(0).unsqueeze(-1)
+                lp_vals = composed.gather(1, safe).squeeze(-1).tolist()
+                kk = max(w for w in want_lp if w is not None)
+                top_v, top_i = composed.topk(max(kk, 1), dim=-1)
+                lp_rows = (lp_vals, top_v.tolist(), top_i.tolist())
+            for i in range(b):
+                if not open_rows[i]:
+                    continue
+                emitted[i].append(chosen[i])
+                if lp_rows is not None and want_lp[i] is not None:
+                    n = want_lp[i]
+                    pairs = list(zip(lp_rows[2][i][:n], lp_rows[1][i][:n]))
+                    lps[i].append(TokenLogprob(chosen[i], lp_rows[0][i], pairs))
+                else:
+                    lps[i].append(None)
+                if kept[i] and chosen[i] >= 0:
+                    accepted_total += 1
+                else:
+                    open_rows[i] = False
+            if not any(open_rows):
+                break
+
+        # 4. Roll back: each slot keeps t0 and the accepted drafts.
+        for i, seq in enumerate(rows):
+            m = len(emitted[i])
+            self.policy.accepted(seq, ks[i], m - 1)
+            for name, slot in seq.slots.items():
+                self.runners[name].lengths[slot] = start[name][slot] + m
+        last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
+        return SpecResult(emitted, lps, last_tokens, sum(ks), accepted_total)
+
+
+def _add_time(stats, name: str, t0: float) -> None:
+    stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + time.perf_counter() - t0

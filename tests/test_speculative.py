@@ -1,0 +1,227 @@
+"""Speculative EFT: greedy output identical to plain decoding, sampled output distributed as
+plain decoding, both accept paths exercised, the policy and the opt-out."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import pytest
+import torch
+
+from decoding.composition import make_composition
+from decoding.engine import Engine, EngineConfig
+from decoding.request import GenerationRequest, SamplingParams
+from decoding.speculative import SpecPolicy
+
+PROMPTS = ["the river city", "a king of salt and copper was founded", "north", "café 東京"]
+
+
+def request(family, rid, text, knobs, **params):
+    ids = family.tokenizer.encode(text)
+    return GenerationRequest(
+        rid, {m: ids for m in family.models}, make_composition(family, None, knobs),
+        SamplingParams(**params),
+    )  # fmt: skip
+
+
+async def collect(engine, req):
+    out: dict[int, dict] = {}
+    async for ev in engine.submit(req):
+        s = out.setdefault(ev.index, {"tokens": [], "lps": [], "text": "", "finish": None})
+        s["tokens"] += ev.token_ids
+        s["lps"] += [lp.logprob for lp in ev.logprobs or []]
+        s["text"] += ev.text
+        s["finish"] = ev.finish_reason or s["finish"]
+    return out
+
+
+def serve(family, mode: str, jobs, seed: int = 0):
+    """Run `jobs(engine)` on a fresh engine; also returns every step's statistics."""
+    steps = []
+
+    async def go():
+        engine = Engine(family, EngineConfig(speculative=mode, seed=seed), on_step=steps.append)
+        engine.start()
+        try:
+            return await jobs(engine)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(go()), steps
+
+
+@pytest.mark.parametrize(
+    "knobs", [{"helpful": 1.0}, {"helpful": 0.7, "harmless": 0.3}, {"harmless": 2.5}]
+)
+def test_greedy_output_is_identical_with_speculation(tiny_family, knobs):
+    async def jobs(engine):
+        first = [
+            asyncio.create_task(collect(engine, request(
+                tiny_family, f"r{i}", p, knobs, max_tokens=12, temperature=0, logprobs=0,
+                ignore_eos=True)))
+            for i, p in enumerate(PROMPTS[:2])
+        ]  # fmt: skip
+        while not engine.scheduler.running:
+            await asyncio.sleep(0.002)
+        await asyncio.sleep(0.01)  # the next one joins while blocks are in flight
+        late = await collect(engine, request(
+            tiny_family, "late", PROMPTS[2], knobs, max_tokens=9, temperature=0, logprobs=0,
+            ignore_eos=True))  # fmt: skip
+        return [await t for t in first] + [late]
+
+    plain, _ = serve(tiny_family, "off", jobs)
+    spec, steps = serve(tiny_family, "3", jobs)
+    assert sum(s.spec_draft_tokens for s in steps) > 0
+    for a, b in zip(plain, spec):
+        assert a[0]["tokens"] == b[0]["tokens"] and a[0]["text"] == b[0]["text"]
+        torch.testing.assert_close(torch.tensor(a[0]["lps"]), torch.tensor(b[0]["lps"]),
+                                   atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_a_stop_string_inside_a_block_ends_the_output_there(tiny_family):
+    knobs = {"helpful": 1.0}
+
+    async def plain_jobs(engine):
+        return await collect(
+            engine,
+            request(
+                tiny_family, "p", PROMPTS[1], knobs, max_tokens=12, temperature=0, ignore_eos=True
+            ),
+        )
+
+    plain, _ = serve(tiny_family, "off", plain_jobs)
+    tokens = plain[0]["tokens"]
+    stop = tiny_family.tokenizer.decode(tokens[4:6]).strip()
+    assert stop and stop in plain[0]["text"]
+
+    async def stop_jobs(engine):
+        return await collect(engine, request(
+            tiny_family, "s", PROMPTS[1], knobs, max_tokens=12, temperature=0, ignore_eos=True,
+            stop=[stop]))  # fmt: skip
+
+    want, _ = serve(tiny_family, "off", stop_jobs)
+    got, steps = serve(tiny_family, "4", stop_jobs)
+    assert sum(s.spec_draft_tokens for s in steps) > 0
+    assert got[0]["finish"] == "stop" and got[0]["text"] == want[0]["text"]
+    assert stop not in got[0]["text"]
+
+
+def test_rejections_and_full_blocks_both_happen(tiny_family):
+    async def jobs(engine):
+        return await asyncio.gather(*[
+            collect(engine, request(tiny_family, f"r{i}", p, {"helpful": 1.0}, max_tokens=16,
+                                    temperature=1.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)
+        ])  # fmt: skip
+
+    _, steps = serve(tiny_family, "4", jobs)
+    spec = [s for s in steps if s.spec_draft_tokens]
+    assert spec
+    assert any(s.spec_accepted_tokens < s.spec_draft_tokens for s in spec)  # rejections
+    assert any(s.spec_accepted_tokens == s.spec_draft_tokens for s in spec)  # bonus tokens
+
+
+@torch.inference_mode()
+def exact_pairs(family, coeffs, ids, temperature, top=30) -> dict[tuple[int, int], float]:
+    """The exact distribution of the first two tokens, over the `top` most likely of each (the
+    rest of the mass is reported under (-1, -1))."""
+
+    def composed(seq):
+        total = 0
+        for name, c in coeffs.items():
+            logits = family.models[name].module(torch.tensor([seq])).logits[0, -1]
+            total = total + c * torch.log_softmax(
+                logits[: family.vocab_size].float(), -1
+            ).clamp_min(-1e4)
+        return torch.softmax(torch.log_softmax(total, -1) / temperature, -1)
+
+    p1 = composed(ids)
+    out: dict[tuple[int, int], float] = {}
+    for t1 in p1.topk(top).indices.tolist():
+        p2 = composed(ids + [t1])
+        for t2 in p2.topk(top).indices.tolist():
+            out[(t1, t2)] = float(p1[t1] * p2[t2])
+    out[(-1, -1)] = max(0.0, 1.0 - sum(out.values()))
+    return out
+
+
+def test_sampled_output_is_distributed_as_without_speculation(tiny_family):
+    """Pairs of first tokens from 1,024 unseeded samples with speculation forced on, against
+    the exact composed distribution: a total-variation distance at the noise floor of 1,024
+    samples (plain decoding measures 0.13 here), where sampling from the drafter instead (the
+    classic bug) is far off. Deterministic: the engine's seed is fixed."""
+    knobs = {"helpful": 1.0}
+    ids = tiny_family.tokenizer.encode(PROMPTS[3])
+
+    async def jobs(engine):
+        outs = await asyncio.gather(*[
+            collect(engine, request(tiny_family, f"r{i}", PROMPTS[3], knobs, max_tokens=2,
+                                    temperature=0.5, ignore_eos=True, n=16))
+            for i in range(64)
+        ])  # fmt: skip
+        return [tuple(s["tokens"]) for o in outs for s in o.values()]
+
+    samples, steps = serve(tiny_family, "2", jobs, seed=11)
+    assert sum(s.spec_draft_tokens for s in steps) > 0
+    comp = make_composition(tiny_family, None, knobs)
+    target = exact_pairs(tiny_family, comp.coeffs, ids, 0.5)
+    drafter = exact_pairs(tiny_family, {"helpful": 1.0}, ids, 0.5)
+
+    def tv(exact):
+        counts = Counter(pair if pair in exact else (-1, -1) for pair in samples)
+        keys = set(exact) | set(counts)
+        return 0.5 * sum(abs(counts[k] / len(samples) - exact.get(k, 0.0)) for k in keys)
+
+    assert tv(target) < 0.17
+    assert tv(drafter) > 0.4  # the test can tell the drafter's distribution from the target's
+
+
+def test_opted_out_and_penalised_requests_never_speculate(tiny_family):
+    async def jobs(engine):
+        await collect(
+            engine,
+            request(
+                tiny_family,
+                "a",
+                PROMPTS[0],
+                {"helpful": 1.0},
+                max_tokens=8,
+                temperature=0,
+                speculative=False,
+            ),
+        )
+        await collect(
+            engine,
+            request(
+                tiny_family,
+                "b",
+                PROMPTS[0],
+                {"helpful": 1.0},
+                max_tokens=8,
+                temperature=0,
+                repetition_penalty=1.3,
+            ),
+        )
+        # The large base alone has no expert to draft with.
+        await collect(
+            engine,
+            request(tiny_family, "c", PROMPTS[0], {"helpful": 0.0}, max_tokens=8, temperature=0),
+        )
+
+    _, steps = serve(tiny_family, "4", jobs)
+    assert sum(s.spec_draft_tokens for s in steps) == 0
+
+
+def test_auto_policy_follows_measured_cost_and_probes_the_other_option():
+    policy = SpecPolicy("auto", probe_every=4)
+    assert policy.use(8) is True  # nothing measured: try speculation first
+    policy.observe(8, True, seconds=1.0, tokens=10)  # 0.1 s per token speculating
+    assert policy.use(8) is False  # then measure plain decoding
+    policy.observe(8, False, seconds=1.0, tokens=8)  # 0.125 s per token: speculation wins
+    decisions = [policy.use(8) for _ in range(8)]
+    assert decisions.count(True) == 6 and decisions.count(False) == 2  # a probe every 4 steps
+    policy.observe(16, True, seconds=4.0, tokens=16)  # at 16 rows speculation is slower
+    policy.observe(16, False, seconds=1.0, tokens=16)
+    assert [policy.use(16) for _ in range(3)].count(False) == 3
+    assert not SpecPolicy("off").use(1) and SpecPolicy("3").use(32)
