@@ -1,0 +1,122 @@
+"""Speculative EFT vs plain decoding on the same engine, side by side (no HTTP).
+
+    python -m loadtest.spec_bench [--config FAMILY.yaml] [--questions 24] [--max-tokens 48]
+
+On the demo family (default), chat prompts from its eval set, up-scaling knobs
+(`helpful` 1, the family's default filter):
+- batch 1, one request at a time: output tokens/s with `--speculative K` (block up to K) and
+  with `off`, greedy and at temperature 1; greedy outputs must be identical;
+- 16 concurrent: `auto` against `off` (auto speculates only where it measures faster).
+Each pair alternates runs (off, spec, off, spec) so load drift hits both; prints the ratios,
+the acceptance rate (accepted / drafted tokens) and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from decoding.composition import make_composition
+from decoding.engine import Engine, EngineConfig
+from decoding.family import load_family
+from decoding.request import GenerationRequest, SamplingParams, StepStats
+
+DEMO = Path(__file__).resolve().parent.parent / "demo" / "family" / "family.yaml"
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.drafted = self.accepted = 0
+
+    def __call__(self, s: StepStats) -> None:
+        self.drafted += s.spec_draft_tokens
+        self.accepted += s.spec_accepted_tokens
+
+
+async def run(family, mode: str, prompts, max_tokens: int, temperature: float, concurrent: bool):
+    counts = Counts()
+    engine = Engine(family, EngineConfig(speculative=mode, max_batch_size=32), on_step=counts)
+    engine.start()
+    comp = make_composition(family, None, {"helpful": 1.0})
+
+    async def one(i: int, messages) -> list[int]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
+        req = GenerationRequest(f"r{i}", family.render_chat(messages), comp, params)
+        out: list[int] = []
+        async for ev in engine.submit(req):
+            out += ev.token_ids
+        return out
+
+    try:
+        await one(-1, prompts[0])  # warm-up
+        t0 = time.perf_counter()
+        if concurrent:
+            outs = await asyncio.gather(*[one(i, m) for i, m in enumerate(prompts)])
+        else:
+            outs = [await one(i, m) for i, m in enumerate(prompts)]
+        seconds = time.perf_counter() - t0
+    finally:
+        await engine.shutdown()
+    return outs, sum(map(len, outs)) / seconds, counts
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.spec_bench", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("--config", default=str(DEMO), help="family YAML (default: the demo family)")
+    ap.add_argument("--questions", type=int, default=24, help="eval-set questions to ask")
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--block", default="4", help="block length K for the batch-1 runs")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    family = load_family(args.config)
+    evalset = json.loads((Path(args.config).parent / "eval_set.json").read_text())
+    questions = [q["question"] for q in evalset["questions"][: args.questions]]
+    prompts = [[{"role": "user", "content": q}] for q in questions]
+    print(f"command: python -m loadtest.spec_bench {' '.join(argv or sys.argv[1:])}".rstrip())
+    res: dict = {}
+
+    def pair(key: str, spec_mode: str, temperature: float, concurrent: bool, reps: int = 2):
+        best = {"off": 0.0, spec_mode: 0.0}
+        outs = {}
+        counts = None
+        for _ in range(reps):
+            for mode in ("off", spec_mode):
+                ps = prompts[:16] if concurrent else prompts
+                o, tps, c = asyncio.run(
+                    run(family, mode, ps, args.max_tokens, temperature, concurrent)
+                )
+                best[mode] = max(best[mode], tps)
+                outs[mode] = o
+                if mode != "off":
+                    counts = c
+        ratio = best[spec_mode] / best["off"]
+        acc = counts.accepted / counts.drafted if counts and counts.drafted else 0.0
+        res[key] = {"off_tok_s": best["off"], "spec_tok_s": best[spec_mode], "ratio": ratio,
+                    "acceptance": acc}  # fmt: skip
+        same = outs["off"] == outs[spec_mode]
+        if temperature == 0:
+            res[key]["identical_greedy_output"] = same
+        print(f"  {key:28s} off {best['off']:7.1f} tok/s   {spec_mode:>4s} {best[spec_mode]:7.1f}"
+              f" tok/s   ratio {ratio:4.2f}x   acceptance {acc:4.0%}"
+              + (f"   identical greedy output: {same}" if temperature == 0 else ""))  # fmt: skip
+
+    pair("b1_greedy", args.block, 0.0, concurrent=False)
+    pair("b1_temperature_1", args.block, 1.0, concurrent=False)
+    pair("c16_auto_vs_off", "auto", 1.0, concurrent=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
