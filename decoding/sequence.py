@@ -41,10 +41,6 @@ class RequestState:
     def params(self) -> SamplingParams:
         return self.req.params
 
-    def remaining(self) -> int:
-        """Prompt tokens still to prefill (the longest model's)."""
-        return max(len(self.req.prompt_ids[m]) - self.cursor.get(m, 0) for m in self.models)
-
 
 @dataclass(eq=False)
 class Sequence:

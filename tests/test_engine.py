@@ -766,52 +766,43 @@ def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
     assert later[0]["finish"] == "length"
 
 
-def test_held_back_text_is_flushed_when_a_stop_token_ends_the_sequence(tiny_family):
-    async def go(**params):
-        engine = await started(tiny_family)
+def alone(family, prompt: str, knobs=None, **params) -> dict:
+    """One request on a fresh engine: its first sibling's merged events."""
+
+    async def go():
+        engine = await started(family)
         try:
-            return (
-                await collect(
-                    engine,
-                    request(
-                        tiny_family, "r", PROMPTS[1], {"helpful": 1}, ignore_eos=True, **params
-                    ),
-                )
-            )[0]
+            return (await collect(engine, request(family, "r", prompt, knobs, **params)))[0]
         finally:
             await engine.shutdown()
 
-    plain = asyncio.run(go(max_tokens=4))
+    return asyncio.run(go())
+
+
+def test_held_back_text_is_flushed_when_a_stop_token_ends_the_sequence(tiny_family):
+    def go(**params):
+        return alone(tiny_family, PROMPTS[1], {"helpful": 1}, ignore_eos=True, **params)
+
+    plain = go(max_tokens=4)
     first, second = plain["tokens"][0], plain["tokens"][1]
     first_text = tiny_family.tokenizer.decode([first])
     # The first token's text could begin the stop string, so it is held back; the second
     # token is a stop id: the held-back text must come out (vLLM does the same).
-    out = asyncio.run(go(max_tokens=4, stop=[first_text + "\x01zz"], stop_token_ids=[second]))
+    out = go(max_tokens=4, stop=[first_text + "\x01zz"], stop_token_ids=[second])
     assert out["tokens"] == [first, second] and out["finish"] == "stop"
     assert out["text"] == first_text
 
 
 def test_stop_strings_are_not_checked_before_min_tokens(tiny_family):
-    async def go(**params):
-        engine = await started(tiny_family)
-        try:
-            return (
-                await collect(
-                    engine,
-                    request(
-                        tiny_family, "r", PROMPTS[2], {"helpful": 1}, ignore_eos=True, **params
-                    ),
-                )
-            )[0]
-        finally:
-            await engine.shutdown()
+    def go(**params):
+        return alone(tiny_family, PROMPTS[2], {"helpful": 1}, ignore_eos=True, **params)
 
-    plain = asyncio.run(go(max_tokens=6))
+    plain = go(max_tokens=6)
     stop = tiny_family.tokenizer.decode(plain["tokens"][:1])
     assert stop.strip(), "the first token must have visible text for this test"
-    early = asyncio.run(go(max_tokens=6, stop=[stop]))
+    early = go(max_tokens=6, stop=[stop])
     assert early["finish"] == "stop" and len(early["tokens"]) == 1
-    late = asyncio.run(go(max_tokens=6, stop=[stop], min_tokens=3))
+    late = go(max_tokens=6, stop=[stop], min_tokens=3)
     assert len(late["tokens"]) >= 3 and late["text"].startswith(stop)
 
 
@@ -819,25 +810,9 @@ def test_a_base_nucleus_of_one_banned_token_still_samples_a_real_token(tiny_fami
     """base_top_p ~0 keeps only the base's top token; making it a stop id under min_tokens
     used to leave nothing and emit token 0."""
 
-    async def go(**params):
-        engine = await started(tiny_family)
-        try:
-            knobs = params.pop("knobs", None)
-            req = request(tiny_family, "r", "The capital of", knobs, **params)
-            return (await collect(engine, req))[0]
-        finally:
-            await engine.shutdown()
-
-    top = asyncio.run(go(model="large-base", max_tokens=1))["tokens"][0]
-    out = asyncio.run(
-        go(
-            knobs={"helpful": 1, "base_top_p": 1e-6},
-            max_tokens=3,
-            logprobs=1,
-            stop_token_ids=[top],
-            min_tokens=1,
-        )
-    )
+    top = alone(tiny_family, "The capital of", model="large-base", max_tokens=1)["tokens"][0]
+    out = alone(tiny_family, "The capital of", {"helpful": 1, "base_top_p": 1e-6},
+                max_tokens=3, logprobs=1, stop_token_ids=[top], min_tokens=1)  # fmt: skip
     first = out["tokens"][0]
     assert first != top and first != tiny_family.tokenizer.pad_token_id
     assert out["lps"][0].logprob > -1e3  # a token the composition gives real mass to
