@@ -32,6 +32,7 @@ def level_row(run: LoadRun) -> dict:
         "e2e_p50_ms": s["e2e_ms"]["p50"],
         "completed": s["completed"],
         "errors": s["errors"],
+        "not_sent": s.get("not_sent", 0),  # kept from starting by the phase's time bound
     }
 
 
@@ -241,7 +242,7 @@ def format_table(res: dict) -> str:
         row(
             "mixed workload: eft-serve, c=16",
             f"{sb['server']['output_token_throughput']:.1f}",
-            f"tok/s, {sb['server']['errors']} errors",
+            f"tok/s, {sb['server']['errors']} errors, {sb['server']['not_sent']} not sent",
         )
         row("vs_static_batch", fmt(res["vs_static_batch"], ".2f") + "x", mark("vs_static_batch"))
         row(
@@ -253,7 +254,7 @@ def format_table(res: dict) -> str:
         row(
             f"Poisson {fmt(p['rate'], '.2f')} req/s, <=16 in flight: ITL p50/p99",
             f"{p['itl_p50_ms']:.1f} / {p['itl_p99_ms']:.1f}",
-            f"ms, {p['errors']} errors",
+            f"ms, {p['errors']} errors, {p['not_sent']} not sent",
         )
         row(
             "itl_p99_over_p50_poisson",
