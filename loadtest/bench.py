@@ -6,6 +6,12 @@ One run measures, on the same models and machine:
 - eft_vs_base: EFT composition / `<family>/large-base` alone, both through the server at c=16;
 - eft_vs_ideal: eft_vs_base / (cost(L) / (cost(L) + sum cost(small models run)));
 - scaling: tokens/s and ITL p50/p99 at concurrency 1, 2, 4, 8, 16, 32;
+- batching_limit: 16 x the engine's decode-step time at batch 1 / at batch 16 (an in-process
+  `Engine` on the same models), and batching_efficiency = batched_vs_sequential / that limit;
+- vs_static_batch: a mixed workload (48 requests, prompts of 4-60 words, 8-128 output tokens)
+  through the server at concurrency 16 / the naive EFT loop in static batches of 16;
+- itl_p99_over_p50_poisson: ITL p99 / p50 of the mixed workload under Poisson arrivals, at most
+  16 in flight;
 - memory: peak server RSS per phase, per-model KV bytes at the peak, KV bytes once idle, and
   rss_growth = RSS after 1,000 requests / after 100.
 The bench builds its family, starts `eft-serve` itself on a free loopback port and stops it.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -28,14 +35,17 @@ from pathlib import Path
 import psutil
 
 from loadtest.bench_results import compose, format_markdown, format_table
-from loadtest.naive import naive_and_costs
+from loadtest.engine_bench import decode_step_seconds
+from loadtest.naive import forward_costs, prompt_ids, run_naive, run_static_batches
 from loadtest.prom import histogram_mean_delta
+from loadtest.prompts import mixed_workload
 from loadtest.runner import LoadConfig, LoadRun, run_load
 from loadtest.server_proc import BenchServer, MemoryMonitor
 
 # Up-scaling, the paper's headline: one expert at weight 1 (harmless explicitly off).
 EFT_KNOBS = {"helpful": 1.0, "harmless": 0.0}
 LEVELS = (1, 2, 4, 8, 16, 32)
+MIXED_SEED = 0  # the mixed workload vs static batches; MIXED_SEED + 1: the Poisson run's
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,8 @@ class Plan:
     rss_max_tokens: int
     rss_duration: float
     request_timeout: float  # seconds; a request still running then counts as an error
+    mixed_requests: int  # the mixed workload (vs static batches, and under Poisson arrivals)
+    mixed_duration: float  # seconds; its runs stop issuing requests after this
 
 
 QUICK = Plan(
@@ -75,6 +87,8 @@ QUICK = Plan(
     rss_max_tokens=2,
     rss_duration=60,
     request_timeout=120,
+    mixed_requests=48,
+    mixed_duration=120,
 )
 # Shaped like a real pair: large ~309M parameters, small ~29M (~1/10), so compute dominates.
 # init_std 0.02 (the usual) rather than the tiny family's 0.2: 24 random layers at 0.2 can
@@ -97,6 +111,8 @@ FULL = Plan(
     rss_duration=240,
     # a 24-token request at c=32 on a busy 2-core CPU can take minutes: slow is not an error
     request_timeout=900,
+    mixed_requests=48,
+    mixed_duration=900,
 )
 
 
@@ -146,10 +162,14 @@ def load(
     duration: float | None = None,
     range_ratio: float | None = None,
     seed: int = 0,
+    workload: list[tuple[str, int]] | None = None,
+    rate: float | None = None,
 ) -> LoadRun:
     cfg = LoadConfig(
         url=server.url,
         concurrency=concurrency,
+        rate=rate,
+        workload=workload,
         requests=requests,
         duration=duration or plan.level_duration,
         timeout=plan.request_timeout,
@@ -165,7 +185,9 @@ def load(
     )
     run = asyncio.run(run_load(cfg))
     s = run.summary()
-    label = model or f"EFT {knobs}"
+    label = model or f"EFT {knobs}" + (" mixed load" if workload else "")
+    if rate:
+        label += f" Poisson {rate:.2f}/s"
     log(
         f"  c={concurrency:<3} {label:<22} {s['completed']:>4} ok {s['errors']:>3} err "
         f"{s['output_token_throughput']:8.1f} tok/s  ITL p50 {s['itl_ms']['p50']:7.1f} ms "
@@ -217,6 +239,19 @@ def run_server_benches(
             out["runs"]["eft_mixed_c16"] = load(
                 server, plan, 16, max(32, plan.min_requests), knobs="mixed"
             )
+        # The mixed workload (the same requests the naive static batches ran), closed loop at
+        # 16; then another draw of it under Poisson arrivals at the rate the closed loop
+        # sustained, at most 16 in flight.
+        workload = mixed_workload(plan.mixed_requests, MIXED_SEED)
+        mixed = {"duration": plan.mixed_duration, "workload": workload}
+        with mon.phase("eft_workload_c16"):
+            out["runs"]["eft_workload_c16"] = run = load(server, plan, 16, len(workload), **mixed)
+        rate = run.summary()["request_throughput"]
+        mixed["workload"] = mixed_workload(plan.mixed_requests, MIXED_SEED + 1)
+        with mon.phase("eft_poisson_c16"):
+            out["runs"]["eft_poisson_c16"] = load(
+                server, plan, 16, len(workload), rate=rate, seed=1, **mixed
+            )
         time.sleep(1.0)  # let the engine free the last rows
         out["kv_bytes_idle"] = mon.kv_bytes()
         # Leak check: RSS after 1,000 short requests vs after the first 100.
@@ -240,6 +275,54 @@ def run_server_benches(
         out["kv_bytes_at_peak"] = mon.peak_kv
         out["loadavg"] = mon.loadavg
     return out
+
+
+def in_process(plan: Plan, family_yaml: Path) -> dict:
+    """What runs the models in this process, with the family loaded once: the naive baselines
+    (one request at a time, and static batches of the mixed workload), each model's decode step
+    timed directly, and the engine's own decode-step time at batch 1 and 16."""
+    from decoding.family import load_family
+
+    family = load_family(str(family_yaml), device="cpu", dtype="float32")
+    try:
+        log(
+            f"naive baseline: {plan.naive_requests} requests x {plan.max_tokens} tokens, "
+            "one at a time"
+        )
+        naive = [
+            run_naive(family, EFT_KNOBS, plan.naive_requests, plan.prompt_len, plan.max_tokens, r)
+            for r in range(plan.repeats)
+        ]
+        context = plan.prompt_len + plan.max_tokens // 2
+        costs = forward_costs(family, 16, context)
+        log(
+            "  naive "
+            + ", ".join(f"{n.output_token_throughput:.1f}" for n in naive)
+            + " tok/s; forward ms at batch 16: "
+            + ", ".join(f"{m} {1000 * v:.2f}" for m, v in costs.items())
+        )
+        prompts = prompt_ids(family, 16, plan.prompt_len, seed=7)
+        engine_steps = decode_step_seconds(family, EFT_KNOBS, prompts, plan.max_tokens)
+        log(
+            "  engine decode step: "
+            + ", ".join(f"batch {b} {1000 * v:.2f} ms" for b, v in engine_steps.items())
+        )
+        workload = mixed_workload(plan.mixed_requests, MIXED_SEED)
+        log(f"naive static batches of 16: {len(workload)} requests of the mixed workload")
+        static = run_static_batches(family, EFT_KNOBS, workload, batch=16, seed=MIXED_SEED)
+        log(f"  {static.output_token_throughput:.1f} requested tok/s in {static.seconds:.1f} s")
+        return {
+            "naive_runs": naive,
+            "costs": costs,
+            "costs_b1": forward_costs(family, 1, context),
+            "params": {name: m.num_params for name, m in family.models.items()},
+            "engine_step_seconds": engine_steps,
+            "static": static,
+            "workload_lengths": [k for _, k in workload],
+        }
+    finally:
+        del family
+        gc.collect()
 
 
 def machine_info() -> dict:
@@ -325,25 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
         family_name = FamilyConfig.from_yaml(family_yaml).name
 
-        log(
-            f"naive baseline: {plan.naive_requests} requests x {plan.max_tokens} tokens, "
-            "one at a time"
-        )
-        naive, costs, costs_b1, params = naive_and_costs(
-            str(family_yaml),
-            EFT_KNOBS,
-            plan.naive_requests,
-            plan.prompt_len,
-            plan.max_tokens,
-            batch=16,
-            repeats=plan.repeats,
-        )
-        log(
-            "  naive "
-            + ", ".join(f"{n.output_token_throughput:.1f}" for n in naive)
-            + " tok/s; forward ms at batch 16: "
-            + ", ".join(f"{m} {1000 * v:.2f}" for m, v in costs.items())
-        )
+        local = in_process(plan, family_yaml)
         srv = run_server_benches(
             plan,
             family_yaml,
@@ -355,8 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             + (["--threads", str(args.threads)] if args.threads else []),
         )
     res: dict = {"plan": plan.name, "command": command, "machine": machine}
-    res["family"] = family_info(family_yaml, plan, params)
-    res.update(compose(naive, costs, srv, levels, costs_b1))
+    res["family"] = family_info(family_yaml, plan, local.pop("params"))
+    res.update(compose(srv=srv, levels=levels, **local))
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["bench_seconds"] = time.perf_counter() - t_start
     print(format_table(res))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import heapq
+
 from loadtest.naive import NaiveResult
 from loadtest.runner import LoadRun
 
-TARGETS = {  # issue 6
+TARGETS = {
+    # issue 6
     "batched_vs_sequential": (">=", 6.0),
     "eft_vs_ideal": (">=", 0.8),
     "itl_p99_over_p50_c16": ("<=", 3.0),
     "rss_growth": ("<=", 1.05),
+    # issue 9
+    "batching_efficiency": (">=", 0.8),
+    "vs_static_batch": (">=", 2.2),
+    "itl_p99_over_p50_poisson": ("<=", 2.0),
 }
 
 
@@ -25,6 +32,7 @@ def level_row(run: LoadRun) -> dict:
         "e2e_p50_ms": s["e2e_ms"]["p50"],
         "completed": s["completed"],
         "errors": s["errors"],
+        "not_sent": s.get("not_sent", 0),  # kept from starting by the phase's time bound
     }
 
 
@@ -37,14 +45,32 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def static_vs_continuous_steps(lengths: list[int], batch: int) -> tuple[int, int]:
+    """Decode steps the requests' output `lengths` take in static batches of `batch` (each
+    runs until its longest request is done) and in a closed loop of `batch` slots (a request
+    takes the first free slot, in arrival order): what equal step costs would give."""
+    static = sum(max(lengths[i : i + batch]) for i in range(0, len(lengths), batch))
+    slots = [0] * batch
+    for k in lengths:
+        heapq.heappush(slots, heapq.heappop(slots) + k)
+    return static, max(slots)
+
+
 def compose(
     naive_runs: list[NaiveResult],
     costs: dict[str, float],
     srv: dict,
     levels: tuple[int, ...],
     costs_b1: dict[str, float] | None = None,
+    engine_step_seconds: dict[int, float] | None = None,
+    static: NaiveResult | None = None,
+    workload_lengths: list[int] | None = None,
 ) -> dict:
-    """The JSON result from the raw measurements."""
+    """The JSON result from the raw measurements.
+
+    `engine_step_seconds`: the engine's decode-only step time by batch size (1 and 16);
+    `static`: the naive static-batch run of the mixed workload whose output lengths are
+    `workload_lengths`, and which the server ran as `eft_workload_c16`."""
     runs: dict[str, LoadRun] = srv["runs"]
     all_tput = {k: r.summary()["output_token_throughput"] for k, r in runs.items()}
     # Repeated phases (`eft_c16`, `eft_c16_r1`, ...) count with their best run.
@@ -112,6 +138,33 @@ def compose(
     }
     s16 = res["scaling"].get("16")
     res["itl_p99_over_p50_c16"] = div(s16["itl_p99_ms"], s16["itl_p50_ms"]) if s16 else None
+    if engine_step_seconds and 1 in engine_step_seconds and 16 in engine_step_seconds:
+        # What batching 16 rows can gain at most in this engine on this machine.
+        res["engine_step_ms"] = {str(b): 1000 * v for b, v in engine_step_seconds.items()}
+        res["batching_limit"] = div(16 * engine_step_seconds[1], engine_step_seconds[16])
+        res["batching_efficiency"] = div(res["batched_vs_sequential"], res["batching_limit"])
+    if static is not None and "eft_workload_c16" in runs:
+        served = level_row(runs["eft_workload_c16"])
+        res["vs_static_batch"] = div(
+            served["output_token_throughput"], static.output_token_throughput
+        )
+        res["static_batch"] = {
+            "requests": static.requests,
+            "requested_tokens": static.output_tokens,
+            "naive_seconds": static.seconds,
+            "naive_output_token_throughput": static.output_token_throughput,
+            "server": served,
+        }
+        if workload_lengths:
+            steps_static, steps_continuous = static_vs_continuous_steps(workload_lengths, 16)
+            res["static_batch"]["decode_steps_static"] = steps_static
+            res["static_batch"]["decode_steps_continuous"] = steps_continuous
+            res["vs_static_batch_equal_step_cost"] = steps_static / steps_continuous
+    if "eft_poisson_c16" in runs:
+        run = runs["eft_poisson_c16"]
+        res["poisson_c16"] = level_row(run) | {"rate": run.config.rate}
+        p = res["poisson_c16"]
+        res["itl_p99_over_p50_poisson"] = div(p["itl_p99_ms"], p["itl_p50_ms"])
     res["targets"] = {}
     for key, (op, bound) in TARGETS.items():
         value = res.get(key)
@@ -167,6 +220,47 @@ def format_table(res: dict) -> str:
         fmt(res["batched_vs_sequential"], ".2f") + "x",
         mark("batched_vs_sequential"),
     )
+    if res.get("batching_limit") is not None:
+        e = res["engine_step_ms"]
+        row("engine decode step, batch 1 / batch 16", f"{e['1']:.2f} / {e['16']:.2f}", "ms")
+        row(
+            "batching_limit: 16 x step(1) / step(16), engine",
+            fmt(res["batching_limit"], ".2f") + "x",
+        )
+        row(
+            "batching_efficiency (batched_vs_seq / limit)",
+            fmt(res["batching_efficiency"], ".3f"),
+            mark("batching_efficiency"),
+        )
+    if res.get("vs_static_batch") is not None:
+        sb = res["static_batch"]
+        row(
+            f"mixed workload ({sb['requests']} requests): naive static 16",
+            f"{sb['naive_output_token_throughput']:.1f}",
+            "requested tok/s",
+        )
+        row(
+            "mixed workload: eft-serve, c=16",
+            f"{sb['server']['output_token_throughput']:.1f}",
+            f"tok/s, {sb['server']['errors']} errors, {sb['server']['not_sent']} not sent",
+        )
+        row("vs_static_batch", fmt(res["vs_static_batch"], ".2f") + "x", mark("vs_static_batch"))
+        row(
+            "  the same at equal step costs (steps ratio)",
+            fmt(res.get("vs_static_batch_equal_step_cost"), ".2f") + "x",
+        )
+    if res.get("poisson_c16"):
+        p = res["poisson_c16"]
+        row(
+            f"Poisson {fmt(p['rate'], '.2f')} req/s, <=16 in flight: ITL p50/p99",
+            f"{p['itl_p50_ms']:.1f} / {p['itl_p99_ms']:.1f}",
+            f"ms, {p['errors']} errors, {p['not_sent']} not sent",
+        )
+        row(
+            "itl_p99_over_p50_poisson",
+            fmt(res["itl_p99_over_p50_poisson"], ".2f"),
+            mark("itl_p99_over_p50_poisson"),
+        )
     row(
         "large-base alone through the server, c=16",
         fmt(res["base_tokens_per_s_c16"], ".1f"),
@@ -267,6 +361,48 @@ def format_markdown(res: dict) -> str:
             "`batched_vs_sequential` (c=16 ÷ naive)",
             fmt(res["batched_vs_sequential"], ".2f") + "x",
             met("batched_vs_sequential"),
+        ),
+        (
+            "engine decode step at batch 1 / batch 16",
+            " / ".join(fmt(res.get("engine_step_ms", {}).get(b), ".2f") for b in ("1", "16"))
+            + " ms",
+            "",
+        ),
+        (
+            "`batching_limit`: 16 × engine step(1 row) ÷ step(16 rows)",
+            fmt(res.get("batching_limit"), ".2f") + "x",
+            "",
+        ),
+        (
+            "`batching_efficiency` (`batched_vs_sequential` ÷ `batching_limit`)",
+            fmt(res.get("batching_efficiency"), ".3f"),
+            met("batching_efficiency"),
+        ),
+        (
+            "mixed workload: naive EFT loop, static batches of 16",
+            fmt(res.get("static_batch", {}).get("naive_output_token_throughput"), ".2f") + " tok/s",
+            "",
+        ),
+        (
+            "mixed workload: eft-serve, c=16",
+            fmt(
+                res.get("static_batch", {}).get("server", {}).get("output_token_throughput"),
+                ".2f",
+            )
+            + " tok/s",
+            "",
+        ),
+        (
+            "`vs_static_batch` (equal step costs would give "
+            + fmt(res.get("vs_static_batch_equal_step_cost"), ".2f")
+            + "x)",
+            fmt(res.get("vs_static_batch"), ".2f") + "x",
+            met("vs_static_batch"),
+        ),
+        (
+            "ITL p99 ÷ p50, mixed workload, Poisson arrivals, ≤ 16 in flight",
+            fmt(res.get("itl_p99_over_p50_poisson"), ".2f"),
+            met("itl_p99_over_p50_poisson"),
         ),
         (
             "large base alone through the server, c=16",

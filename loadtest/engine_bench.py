@@ -6,12 +6,16 @@ Builds the tiny random family when no --config is given, runs the same seeded re
 one `Engine` sequentially and then concurrently, and prints output tokens/s of both, their
 ratio, and where the concurrent run's step time went (per-model forward, combine, sampling,
 the rest = Python and bookkeeping), from the engine's own `StepStats`.
+
+`decode_step_seconds` is what `loadtest.bench` uses for `batching_limit`: the engine's own
+decode-step time at batch 1 and at batch 16.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -21,7 +25,7 @@ import torch
 
 from decoding.composition import make_composition
 from decoding.engine import Engine, EngineConfig
-from decoding.family import load_family
+from decoding.family import Family, load_family
 from decoding.request import GenerationRequest, SamplingParams, StepStats
 
 
@@ -56,6 +60,59 @@ class StepProfile:
         return "\n".join(lines)
 
 
+class DecodeSteps:
+    """Collects `step_seconds` of the steps that only decode, keyed by batch size.
+
+    A step that prefills any prompt tokens is left out: its cost depends on the prompts, not on
+    how many rows decode."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, list[float]] = defaultdict(list)
+
+    def __call__(self, s: StepStats) -> None:
+        if s.batch_size and not s.prompt_tokens:
+            self.seconds[s.batch_size].append(s.step_seconds)
+
+
+def decode_step_seconds(
+    family: Family,
+    knobs: dict[str, float],
+    prompts: list[list[int]],
+    max_tokens: int,
+    batches: tuple[int, ...] = (1, 16),
+    rounds: int = 2,
+) -> dict[int, float]:
+    """Median seconds of one decode-only engine step with `b` rows, for each `b` in `batches`.
+
+    `b` requests of `max_tokens` tokens (prompts taken from `prompts`, composition from `knobs`)
+    run together through an in-process `Engine`, so every decode step has exactly `b` rows; the
+    batch sizes take turns `rounds` times, so a burst of load on a shared machine hits all alike.
+    """
+    steps = DecodeSteps()
+    engine = Engine(family, EngineConfig(max_batch_size=max(batches)), on_step=steps)
+    comp = make_composition(family, None, knobs)
+
+    async def drain(i: int) -> None:
+        params = SamplingParams(max_tokens=max_tokens, seed=i, ignore_eos=True, logprobs=0)
+        ids = prompts[i % len(prompts)]
+        req = GenerationRequest(f"b{i}", {m: ids for m in family.models}, comp, params)
+        async for _ in engine.submit(req):
+            pass
+
+    async def measure() -> None:
+        engine.start()
+        try:
+            await engine.warmup()
+            for _ in range(rounds):
+                for b in batches:
+                    await asyncio.gather(*(drain(i) for i in range(b)))
+        finally:
+            await engine.shutdown()
+
+    asyncio.run(measure())
+    return {b: statistics.median(steps.seconds[b]) for b in batches}
+
+
 async def run(args: argparse.Namespace) -> None:
     if args.config:
         path = args.config
@@ -71,13 +128,15 @@ async def run(args: argparse.Namespace) -> None:
     engine = Engine(family, EngineConfig(max_batch_size=max(32, args.requests)), on_step=prof)
     engine.start()
     await engine.warmup()
-    comp = make_composition(family, None, {e: 1.0 / len(family.config.experts)
-                                           for e in family.config.experts})
+    comp = make_composition(
+        family, None, {e: 1.0 / len(family.config.experts) for e in family.config.experts}
+    )
 
     def request(i: int) -> GenerationRequest:
         ids = family.tokenizer.encode(f"request {i}: the river city of salt and copper")
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.8, seed=i,
-                                ignore_eos=True)
+        params = SamplingParams(
+            max_tokens=args.max_tokens, temperature=0.8, seed=i, ignore_eos=True
+        )
         return GenerationRequest(f"r{i}", {m: ids for m in family.models}, comp, params)
 
     async def drain(req: GenerationRequest) -> int:

@@ -1,14 +1,16 @@
-"""The naive EFT baseline a user would write without a server, and direct per-model costs.
+"""The naive EFT baselines a user would write without a server, and direct per-model costs.
 
-Baseline: Hugging Face `generate` on the large base, one request at a time, with a
+Sequential baseline: Hugging Face `generate` on the large base, one request at a time, with a
 `LogitsProcessor` that at every step feeds the new token to each other model (each with its own
-KV cache) and returns `lp_base + sum_e w_e (lp_e - lp_reference)`, the formula of docs/math.md.
-No batching across requests, so its throughput is what a batching server has to beat.
+KV cache) and returns `lp_base + sum_e w_e (lp_e - lp_reference)`, the formula of docs/math.md. No
+batching across requests, so its throughput is what a batching server has to beat.
+
+Static-batch baseline: the same formula over left-padded batches of requests taken in arrival
+order; a batch runs until its longest request is done, and only then does the next one start.
 """
 
 from __future__ import annotations
 
-import gc
 import random
 import time
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
-from decoding.family import Family, load_family
+from decoding.family import Family
 from loadtest.prompts import random_text
 
 REF_FLOOR = -1e4  # clamp lp_reference as the engine does, so -inf cannot become +inf
@@ -44,16 +46,22 @@ class EFTLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         new = input_ids[:, self.seen :]
         self.seen = input_ids.shape[1]
-        combined = self.coeff_base * torch.log_softmax(scores[:, : self.vocab].float(), dim=-1)
+        combined = weighted_lp(scores, self.vocab, self.coeff_base, self.base == self.reference)
         for name, module, c in self.others:
             out = module(input_ids=new, cache=self.caches[name], use_cache=True)
-            lp = torch.log_softmax(out.logits[:, -1, : self.vocab].float(), dim=-1)
-            if name == self.reference:
-                lp = lp.clamp_min(REF_FLOOR)
-            combined = combined + c * lp
+            combined += weighted_lp(out.logits[:, -1], self.vocab, c, name == self.reference)
         result = torch.full_like(scores, float("-inf"))
         result[:, : self.vocab] = combined
         return result
+
+
+def weighted_lp(logits: torch.Tensor, vocab: int, coeff: float, reference: bool) -> torch.Tensor:
+    """`coeff * log_softmax(logits)` over the shared vocabulary; the reference's log-probs are
+    clamped from below first, so its -inf cannot turn into +inf."""
+    lp = torch.log_softmax(logits[:, :vocab].float(), dim=-1)
+    if reference:
+        lp = lp.clamp_min(REF_FLOOR)
+    return coeff * lp
 
 
 def eft_coeffs(family: Family, knobs: dict[str, float]) -> dict[str, float]:
@@ -129,6 +137,72 @@ def run_naive(
 
 
 @torch.no_grad()
+def static_batch(
+    family: Family,
+    coeffs: dict[str, float],
+    prompts: list[list[int]],
+    steps: int,
+    gen: torch.Generator | None = None,
+) -> torch.Tensor:
+    """`steps` EFT tokens for every prompt, as one left-padded batch; returns them [b, steps].
+
+    Every model of the composition runs the whole batch with its own `DynamicCache`; each step
+    feeds the sampled tokens to all of them, for every row, until the batch's `steps` are done.
+    Tokens are drawn at temperature 1 from `gen`, or greedily without one.
+    """
+    pad = family.tokenizer.pad_token_id or 0
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    caches = {name: DynamicCache() for name in coeffs}
+    reference = family.config.reference
+    out = []
+    for _ in range(steps):
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -ids.shape[1] :]
+        combined = torch.zeros(len(prompts), family.vocab_size)
+        for name, c in coeffs.items():
+            model = family.models[name].module
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=caches[name],
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            combined += weighted_lp(logits, family.vocab_size, c, name == reference)
+        if gen is None:
+            ids = combined.argmax(-1, keepdim=True)
+        else:
+            ids = torch.multinomial(torch.softmax(combined, dim=-1), 1, generator=gen)
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        out.append(ids)
+    return torch.cat(out, dim=1)
+
+
+def run_static_batches(
+    family: Family,
+    knobs: dict[str, float],
+    workload: list[tuple[str, int]],
+    batch: int = 16,
+    seed: int = 0,
+) -> NaiveResult:
+    """The workload's (prompt, max_tokens) requests in static batches of `batch`, in arrival
+    order. Each batch runs until its longest request is done; only the tokens each request
+    asked for count, the rest is the padding a static batch pays for."""
+    coeffs = eft_coeffs(family, knobs)
+    tok = family.tokenizer
+    prompts = [tok.encode(text, add_special_tokens=True) for text, _ in workload]
+    lengths = [k for _, k in workload]
+    gen = torch.Generator().manual_seed(seed)
+    static_batch(family, coeffs, prompts[:2], 2, gen)  # warm-up: first-call allocations
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        static_batch(family, coeffs, prompts[i : i + batch], max(lengths[i : i + batch]), gen)
+    return NaiveResult(len(prompts), sum(lengths), time.perf_counter() - start, list(coeffs))
+
+
+@torch.no_grad()
 def forward_costs(family: Family, batch: int, context: int, steps: int = 7) -> dict[str, float]:
     """Median seconds of one decode step (`batch` rows, `context` tokens of KV each) per model.
 
@@ -151,31 +225,3 @@ def forward_costs(family: Family, batch: int, context: int, steps: int = 7) -> d
                 times[name].append(time.perf_counter() - t)
             caches[name].crop(-1)  # back to `context` tokens: every step sees the same KV
     return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-
-
-def naive_and_costs(
-    family_yaml: str,
-    knobs: dict[str, float],
-    requests: int,
-    prompt_len: int,
-    max_tokens: int,
-    batch: int,
-    seed: int = 0,
-    repeats: int = 1,
-) -> tuple[list[NaiveResult], dict[str, float], dict[str, float], dict[str, int]]:
-    """Load the family once, run the baseline `repeats` times and the cost probe, and free the
-    models. Returns (baseline runs, seconds per decode step per model at `batch` rows and at
-    one row, parameters per model)."""
-    family = load_family(family_yaml, device="cpu", dtype="float32")
-    params = {name: m.num_params for name, m in family.models.items()}
-    try:
-        naive = [
-            run_naive(family, knobs, requests, prompt_len, max_tokens, seed + r)
-            for r in range(repeats)
-        ]
-        costs = forward_costs(family, batch, prompt_len + max_tokens // 2)
-        costs_b1 = forward_costs(family, 1, prompt_len + max_tokens // 2)
-    finally:
-        del family
-        gc.collect()
-    return naive, costs, costs_b1, params

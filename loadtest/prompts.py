@@ -7,6 +7,7 @@ once how many tokens a sample of words costs and scales the word count to the ta
 
 from __future__ import annotations
 
+import math
 import random
 
 import httpx
@@ -45,6 +46,24 @@ def make_prompts(n: int, prompt_len: int, tok_per_word: float, seed: int) -> lis
     rng = random.Random(seed)
     n_words = max(1, round(prompt_len / max(tok_per_word, 1e-3)))
     return [random_text(rng, n_words) for _ in range(n)]
+
+
+def mixed_workload(
+    n: int,
+    seed: int,
+    words: tuple[int, int] = (4, 60),
+    tokens: tuple[int, int] = (8, 128),
+) -> list[tuple[str, int]]:
+    """`n` requests as (prompt, max_tokens): prompts of `words` words (uniform), outputs of
+    `tokens` tokens, log-uniform, so short answers are common and long ones rare, as in chat
+    traffic. A static batch runs until its longest row is done, so the spread is what
+    continuous batching recovers."""
+    rng = random.Random(seed)
+    lo, hi = math.log(tokens[0]), math.log(tokens[1])
+    return [
+        (random_text(rng, rng.randint(*words)), round(math.exp(rng.uniform(lo, hi))))
+        for _ in range(n)
+    ]
 
 
 def make_knobs(

@@ -46,6 +46,9 @@ class LoadConfig:
     logprobs: bool = False  # ask for the chosen token's log-prob: one chunk per token
     warmup: int = 0  # requests sent (and discarded) before measuring
     progress: bool = True
+    # Explicit requests as (prompt, max_tokens); replaces `requests`, `prompt_len`,
+    # `max_tokens` and `range_ratio` (the benchmarks' mixed workload).
+    workload: list[tuple[str, int]] | None = None
 
 
 @dataclass
@@ -62,6 +65,8 @@ class LoadRun:
         out = summarize(self.results, self.duration)
         cfg = asdict(self.config)
         cfg.pop("api_key", None)  # never write a secret into a results file
+        if cfg["workload"] is not None:
+            cfg["workload"] = f"{len(cfg['workload'])} explicit requests"
         cfg["model"] = self.model
         out["config"] = cfg
         out.update(self.extra)
@@ -86,10 +91,15 @@ async def run_load(cfg: LoadConfig, transport: httpx.AsyncBaseTransport | None =
         model = cfg.model or await first_model(client, url)
         rng = random.Random(cfg.seed)
         tpw = await tokens_per_word(client, url, model, rng)
-        n = cfg.requests + cfg.warmup
-        prompts = make_prompts(n, cfg.prompt_len, tpw, cfg.seed)
+        if cfg.workload is not None:
+            n = len(cfg.workload)
+            prompts = [p for p, _ in cfg.workload]
+            lengths = [k for _, k in cfg.workload]
+        else:
+            n = cfg.requests + cfg.warmup
+            prompts = make_prompts(n, cfg.prompt_len, tpw, cfg.seed)
+            lengths = output_lengths(n, cfg.max_tokens, cfg.range_ratio, cfg.seed)
         knobs = make_knobs(n, cfg.knobs, cfg.seed, cfg.fixed_knobs)
-        lengths = output_lengths(n, cfg.max_tokens, cfg.range_ratio, cfg.seed)
         bodies = [
             build_body(model, p, k_out, cfg.chat, k, cfg.temperature, cfg.seed + i, cfg.logprobs)
             for i, (p, k, k_out) in enumerate(zip(prompts, knobs, lengths, strict=True))

@@ -184,8 +184,9 @@ def server(tiny_family_path, tmp_path_factory: pytest.TempPathFactory):
     """A real `eft-serve` on the tiny random family, on a free loopback port."""
     log = tmp_path_factory.mktemp("log") / "server.log"
     # tiny models: one thread is faster, and kinder to a shared machine
-    with ServerProcess(tiny_family_path, "--max-batch-size", "8", "--threads", "1",
-                       log_path=log, ready_timeout=60) as srv:
+    with ServerProcess(
+        tiny_family_path, "--max-batch-size", "8", "--threads", "1", log_path=log, ready_timeout=60
+    ) as srv:
         yield srv.url
 
 
@@ -279,7 +280,7 @@ def _fake_run(tok_per_s: float, itl_ms: float) -> object:
 
 
 def test_bench_compose_keys_and_ratios() -> None:
-    from loadtest.bench_results import compose, format_table
+    from loadtest.bench_results import compose, format_markdown, format_table
     from loadtest.naive import NaiveResult
 
     levels = (1, 4, 16)
@@ -313,6 +314,29 @@ def test_bench_compose_keys_and_ratios() -> None:
     costs = {"large-base": 0.08, "small-base": 0.01, "helpful": 0.01, "harmless": 0.01}
     costs_b1 = {"large-base": 0.02, "small-base": 0.005, "helpful": 0.005, "harmless": 0.005}
     res = compose(naive, costs, srv, levels, costs_b1)
+    assert "batching_limit" not in res and "vs_static_batch" not in res  # not measured
+    # the issue-9 measurements: engine step times, the static-batch run, the Poisson run
+    runs["eft_workload_c16"] = _fake_run(90.0, 20.0)
+    runs["eft_poisson_c16"] = _fake_run(80.0, 30.0)
+    static = NaiveResult(48, 30, 1.0, ["large-base", "small-base", "helpful"])
+    res = compose(
+        naive,
+        costs,
+        srv,
+        levels,
+        costs_b1,
+        engine_step_seconds={1: 0.01, 16: 0.04},
+        static=static,
+        workload_lengths=[4, 1, 1, 1] * 8,
+    )
+    assert res["batching_limit"] == pytest.approx(16 * 0.01 / 0.04)
+    assert res["batching_efficiency"] == pytest.approx(8.0 / 4.0)
+    assert res["vs_static_batch"] == pytest.approx(90.0 / 30.0)
+    # static: 4 + 4 steps; closed loop: the last 4-token request finds its slot at step 2
+    assert res["vs_static_batch_equal_step_cost"] == pytest.approx(8 / 6)
+    assert res["itl_p99_over_p50_poisson"] == pytest.approx(1.0)
+    assert res["targets"]["vs_static_batch"]["met"]
+    assert res["targets"]["itl_p99_over_p50_poisson"]["met"]
     assert res["batching_ceiling_c16"] == pytest.approx(16 * 0.03 / 0.1)
     assert res["batched_vs_sequential"] == pytest.approx(160.0 / 20.0)  # best EFT c=16 run
     assert res["eft_vs_base"] == pytest.approx(160.0 / 200.0)  # best of each kind
@@ -333,3 +357,60 @@ def test_bench_compose_keys_and_ratios() -> None:
     )
     table = format_table(res)
     assert "batched_vs_sequential" in table and "reproduce: cmd" in table
+    for key in ("batching_limit", "batching_efficiency", "vs_static_batch", "poisson"):
+        assert key in table, key
+    assert "vs_static_batch" in format_markdown(res)
+
+
+def test_static_vs_continuous_steps_by_hand() -> None:
+    from loadtest.bench_results import static_vs_continuous_steps
+
+    # batches [4, 1] and [1, 1]: 4 + 1 steps; two slots: one runs the 4, the other the three 1s
+    assert static_vs_continuous_steps([4, 1, 1, 1], 2) == (5, 4)
+    assert static_vs_continuous_steps([3, 3, 3, 3], 2) == (6, 6)
+
+
+def test_mixed_workload_is_seeded_and_in_range() -> None:
+    from loadtest.prompts import mixed_workload
+
+    work = mixed_workload(48, seed=0)
+    assert work == mixed_workload(48, seed=0) != mixed_workload(48, seed=1)
+    words = [len(p.split()) for p, _ in work]
+    lengths = [k for _, k in work]
+    assert len(work) == 48 and 4 <= min(words) and max(words) <= 60
+    assert 8 <= min(lengths) and max(lengths) <= 128 and len(set(lengths)) > 20
+    # log-uniform: about half the requests ask for at most 32 tokens (the geometric midpoint)
+    assert 12 <= sum(k <= 32 for k in lengths) <= 36
+
+
+@pytest.mark.parametrize("rate", [None, 500.0])
+def test_runner_sends_an_explicit_workload(rate: float | None) -> None:
+    work = [("a b c", 3), ("d e", 5), ("f", 1)]
+    cfg = LoadConfig(url="http://127.0.0.1:1", concurrency=2, rate=rate, workload=work,
+                     requests=99, max_tokens=64, progress=False)  # fmt: skip
+    run = asyncio.run(run_load(cfg, transport=_fake_openai({})))
+    s = run.summary()
+    assert s["completed"] == 3 and s["total_output_tokens"] == 9
+    assert sorted(r.output_tokens for r in run.results) == [1, 3, 5]
+    assert s["config"]["workload"] == "3 explicit requests"
+
+
+def test_static_batch_left_padding_matches_each_row_alone(tiny_family, one_torch_thread) -> None:
+    from loadtest.naive import eft_coeffs, static_batch
+
+    coeffs = eft_coeffs(tiny_family, {"helpful": 1.0})
+    tok = tiny_family.tokenizer
+    prompts = [tok.encode(t) for t in ("the river", "north of the capital city was founded", "a")]
+    assert len({len(p) for p in prompts}) == 3
+    together = static_batch(tiny_family, coeffs, prompts, 6)
+    assert together.shape == (3, 6)
+    for row, p in zip(together.tolist(), prompts, strict=True):
+        assert row == static_batch(tiny_family, coeffs, [p], 6)[0].tolist()
+
+
+def test_engine_decode_step_seconds_per_batch_size(tiny_family, one_torch_thread) -> None:
+    from loadtest.engine_bench import decode_step_seconds
+
+    prompts = [tiny_family.tokenizer.encode("the river city")]
+    steps = decode_step_seconds(tiny_family, {"helpful": 1.0}, prompts, 4, (1, 3), rounds=1)
+    assert set(steps) == {1, 3} and all(0 < v < 5 for v in steps.values())
