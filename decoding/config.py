@@ -10,8 +10,13 @@ class EngineConfig:
     max_batch_size: int = 32  # rows decoding together (n siblings count separately); KV slots
     max_waiting: int = 256  # requests queued for admission; beyond it submit() refuses
     # Tokens one step may process: one per decoding row, the rest for prompt chunks
-    # (vLLM's max_num_batched_tokens). Prompts always get at least a quarter of it.
+    # (vLLM's max_num_batched_tokens).
     max_num_batched_tokens: int = 512
+    # While rows decode, a step prefills at most prefill_share x (decoding rows) prompt tokens
+    # (at least MIN_PREFILL_CHUNK): a step then costs a running row at most about twice a plain
+    # decode step, so joining prompts do not stall streams (the p99 inter-token latency). 0
+    # lifts the limit (only the budget applies): faster first tokens, longer stalls.
+    prefill_share: float = 1.0
     seed: int = 0  # of the generator shared by unseeded requests
     idle_wait_s: float = 0.5  # how long the idle loop sleeps between checks for shutdown
     # Speculative EFT: "auto" (where it measures faster), "off", or "K" (always, blocks <= K).

@@ -2,8 +2,11 @@
 
 Each step has one budget of `max_num_batched_tokens` (vLLM's chunked prefill): every running
 row decodes one token, and prompts take what is left, first the one being prefilled, then new
-requests in arrival order while batch rows are free. A prompt longer than what is left is
-prefilled in chunks over several steps, so decoding rows never wait long for a newcomer.
+requests in arrival order while batch rows are free. While rows decode, prompts get at most
+`prefill_share` tokens per decoding row: a step's cost grows with the tokens it processes, so
+this keeps a step with a joining prompt within about twice a plain decode step. A prompt longer
+than its share is prefilled in chunks over several steps, so decoding rows never wait long for a
+newcomer.
 A request needing every prompt position's log-probs (echo scoring) is prefilled whole in one
 step; it waits for a step with room unless nothing else is prefilling.
 """
@@ -15,6 +18,8 @@ from dataclasses import dataclass
 
 from .config import EngineConfig
 from .sequence import RequestState, Sequence
+
+MIN_PREFILL_CHUNK = 16  # prompt tokens a step may always prefill
 
 
 @dataclass
@@ -58,9 +63,13 @@ class Scheduler:
 
     def schedule(self) -> tuple[StepPlan, list[RequestState]]:
         """The next step's plan, and the requests it admitted from the waiting queue."""
-        budget = self.config.max_num_batched_tokens
-        # Prompts always get a share, so a full batch of decoders cannot starve newcomers.
-        left = max(budget - len(self.running), budget // 4)
+        cfg = self.config
+        decoding = len(self.running)
+        left = cfg.max_num_batched_tokens - decoding
+        floor = min(MIN_PREFILL_CHUNK, cfg.max_num_batched_tokens)
+        if decoding and cfg.prefill_share > 0:
+            left = min(left, max(floor, int(cfg.prefill_share * decoding)))
+        left = max(left, floor)  # a full batch of decoders cannot starve newcomers
         chunks: list[PrefillChunk] = []
         for state in self.prefilling:
             if left <= 0:

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative EFT decoding (the expert drafts, the models verify; the "
                         "output distribution is unchanged): auto (only where it measures "
                         "faster), off, or K (always, blocks of up to K tokens)")
+    p.add_argument("--prefill-share", type=float, default=1.0,
+                   help="while rows decode, prompt tokens a step may prefill per decoding row "
+                        "(bounds the stall a joining prompt causes to running streams); 0: "
+                        "only --max-num-batched-tokens limits it")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens one step may process: one per decoding row, the rest for prompt "
                         "chunks (longer prompts are chunked; default 512)")
@@ -193,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                              max_model_len=args.max_model_len)
         metrics = ServerMetrics.for_family(family)
         engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
-                                  speculative=args.speculative)
+                                  speculative=args.speculative,
+                                  prefill_share=max(0.0, args.prefill_share))
         if args.max_num_batched_tokens:
             engine_cfg.max_num_batched_tokens = args.max_num_batched_tokens
         engine = Engine(family, engine_cfg, on_step=metrics.on_step)  # refuses an architecture

@@ -882,3 +882,29 @@ def test_trace_gives_each_models_logprob_and_argmax_of_every_token(tiny_family):
     for j, tr in enumerate(prompt_trace[1:]):
         assert tr.token_id == pids[j + 1]
         assert abs(tr.models["helpful"] - lp[j, pids[j + 1]].item()) < 1e-4
+
+
+def test_joining_prompts_get_a_prefill_share_per_decoding_row():
+    """While 20 rows decode, a 100-token prompt is prefilled 20 tokens a step (prefill_share 1),
+    not all at once; with no row decoding it takes the whole budget."""
+    from types import SimpleNamespace
+
+    from decoding.scheduler import Scheduler
+
+    def waiting(n_tokens: int):
+        req = SimpleNamespace(prompt_ids={"m": list(range(n_tokens))},
+                              params=SamplingParams(n=1))  # fmt: skip
+        return SimpleNamespace(req=req, params=req.params, models=["m"], cost=n_tokens, cursor={})
+
+    sched = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512))
+    sched.running = [SimpleNamespace(request=object()) for _ in range(20)]
+    sched.waiting.append(waiting(100))
+    plan, admitted = sched.schedule()
+    assert len(admitted) == 1 and plan.prefill[0].spans == {"m": (0, 20)}
+    alone = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512))
+    alone.waiting.append(waiting(100))
+    assert alone.schedule()[0].prefill[0].spans == {"m": (0, 100)}
+    unlimited = Scheduler(EngineConfig(max_num_batched_tokens=512, prefill_share=0))
+    unlimited.running = list(sched.running)
+    unlimited.waiting.append(waiting(100))
+    assert unlimited.schedule()[0].prefill[0].spans == {"m": (0, 100)}
