@@ -41,9 +41,13 @@ from loadtest.prom import histogram_mean_delta
 from loadtest.prompts import mixed_workload
 from loadtest.runner import LoadConfig, LoadRun, run_load
 from loadtest.server_proc import BenchServer, MemoryMonitor
+from loadtest.spec_bench import compare_all
 
 # Up-scaling, the paper's headline: one expert at weight 1 (harmless explicitly off).
 EFT_KNOBS = {"helpful": 1.0, "harmless": 0.0}
+SPEC_WORDS = ("the river", "the capital", "the king", "the grain", "the salt", "the queen",
+              "the city", "the export", "the copper", "the wool", "the year", "the answer",
+              "the south", "the help", "the question", "the founder")  # fmt: skip
 LEVELS = (1, 2, 4, 8, 16, 32)
 MIXED_SEED = 0  # the mixed workload vs static batches; MIXED_SEED + 1: the Poisson run's
 
@@ -307,6 +311,10 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
             "  engine decode step: "
             + ", ".join(f"batch {b} {1000 * v:.2f} ms" for b, v in engine_steps.items())
         )
+        log("speculative EFT vs off: batch 1 (greedy, temperature 1) and 16 concurrent (auto)")
+        spec_prompts = [[{"role": "user", "content": f"{w} of the north"}] for w in SPEC_WORDS]
+        spec = compare_all(family, spec_prompts, "4", plan.max_tokens, reps=1)
+        log("  " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in spec.items()))
         workload = mixed_workload(plan.mixed_requests, MIXED_SEED)
         log(f"naive static batches of 16: {len(workload)} requests of the mixed workload")
         static = run_static_batches(family, EFT_KNOBS, workload, batch=16, seed=MIXED_SEED)
@@ -319,6 +327,7 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
             "engine_step_seconds": engine_steps,
             "static": static,
             "workload_lengths": [k for _, k in workload],
+            "spec": spec,
         }
     finally:
         del family
@@ -421,7 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         )
     res: dict = {"plan": plan.name, "command": command, "machine": machine}
     res["family"] = family_info(family_yaml, plan, local.pop("params"))
+    spec = local.pop("spec")
     res.update(compose(srv=srv, levels=levels, **local))
+    res["spec_speedup_b1"] = spec["b1_greedy"]["ratio"]
+    res["spec_speedup_b1_temperature_1"] = spec["b1_temperature_1"]["ratio"]
+    res["spec_acceptance"] = spec["b1_temperature_1"]["acceptance"]
+    res["spec_speedup_c16"] = spec["c16_auto_vs_off"]["ratio"]
+    res["spec"] = spec
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["bench_seconds"] = time.perf_counter() - t_start
     print(format_table(res))

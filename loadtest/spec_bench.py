@@ -66,10 +66,50 @@ async def run(family, mode: str, prompts, max_tokens: int, temperature: float, c
     return outs, sum(map(len, outs)) / seconds, counts
 
 
+def compare(
+    family,
+    prompts,
+    spec_mode: str,
+    temperature: float,
+    concurrent: bool,
+    max_tokens: int,
+    reps: int = 2,
+) -> dict:
+    """Output tokens/s with `speculative=spec_mode` against `off`, runs alternating; the best run
+    of each counts. Greedy runs also say whether the outputs were identical."""
+    best = {"off": 0.0, "spec": 0.0}
+    outs: dict[str, list] = {}
+    counts = None
+    for _ in range(reps):
+        for key, mode in (("off", "off"), ("spec", spec_mode)):
+            o, tps, c = asyncio.run(run(family, mode, prompts, max_tokens, temperature, concurrent))
+            best[key] = max(best[key], tps)
+            outs[key] = o
+            if key == "spec":
+                counts = c
+    res = {
+        "off_tok_s": best["off"],
+        "spec_tok_s": best["spec"],
+        "ratio": best["spec"] / best["off"] if best["off"] else 0.0,
+        "acceptance": counts.accepted / counts.drafted if counts and counts.drafted else 0.0,
+    }
+    if temperature == 0:
+        res["identical_greedy_output"] = outs["off"] == outs["spec"]
+    return res
+
+
+def compare_all(family, prompts, block: str, max_tokens: int, reps: int = 2) -> dict:
+    """Batch 1 (greedy and temperature 1, blocks of up to `block`) and 16 concurrent (auto)."""
+    return {
+        "b1_greedy": compare(family, prompts, block, 0.0, False, max_tokens, reps),
+        "b1_temperature_1": compare(family, prompts, block, 1.0, False, max_tokens, reps),
+        "c16_auto_vs_off": compare(family, prompts[:16], "auto", 1.0, True, max_tokens, reps),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m loadtest.spec_bench", description=__doc__.split("\n\n")[0]
-    )
+    ap = argparse.ArgumentParser(prog="python -m loadtest.spec_bench",
+                                 description=__doc__.split("\n\n")[0])  # fmt: skip
     ap.add_argument("--config", default=str(DEMO), help="family YAML (default: the demo family)")
     ap.add_argument("--questions", type=int, default=24, help="eval-set questions to ask")
     ap.add_argument("--max-tokens", type=int, default=48)
@@ -83,36 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     questions = [q["question"] for q in evalset["questions"][: args.questions]]
     prompts = [[{"role": "user", "content": q}] for q in questions]
     print(f"command: python -m loadtest.spec_bench {' '.join(argv or sys.argv[1:])}".rstrip())
-    res: dict = {}
-
-    def pair(key: str, spec_mode: str, temperature: float, concurrent: bool, reps: int = 2):
-        best = {"off": 0.0, spec_mode: 0.0}
-        outs = {}
-        counts = None
-        for _ in range(reps):
-            for mode in ("off", spec_mode):
-                ps = prompts[:16] if concurrent else prompts
-                o, tps, c = asyncio.run(
-                    run(family, mode, ps, args.max_tokens, temperature, concurrent)
-                )
-                best[mode] = max(best[mode], tps)
-                outs[mode] = o
-                if mode != "off":
-                    counts = c
-        ratio = best[spec_mode] / best["off"]
-        acc = counts.accepted / counts.drafted if counts and counts.drafted else 0.0
-        res[key] = {"off_tok_s": best["off"], "spec_tok_s": best[spec_mode], "ratio": ratio,
-                    "acceptance": acc}  # fmt: skip
-        same = outs["off"] == outs[spec_mode]
-        if temperature == 0:
-            res[key]["identical_greedy_output"] = same
-        print(f"  {key:28s} off {best['off']:7.1f} tok/s   {spec_mode:>4s} {best[spec_mode]:7.1f}"
-              f" tok/s   ratio {ratio:4.2f}x   acceptance {acc:4.0%}"
-              + (f"   identical greedy output: {same}" if temperature == 0 else ""))  # fmt: skip
-
-    pair("b1_greedy", args.block, 0.0, concurrent=False)
-    pair("b1_temperature_1", args.block, 1.0, concurrent=False)
-    pair("c16_auto_vs_off", "auto", 1.0, concurrent=True)
+    res = compare_all(family, prompts, args.block, args.max_tokens)
+    for key, r in res.items():
+        same = r.get("identical_greedy_output")
+        print(f"  {key:18s} off {r['off_tok_s']:7.1f} tok/s   speculative {r['spec_tok_s']:7.1f}"
+              f" tok/s   ratio {r['ratio']:4.2f}x   acceptance {r['acceptance']:4.0%}"
+              + ("" if same is None else f"   identical greedy output: {same}"))  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
