@@ -446,9 +446,15 @@ class Engine:
         """The n sibling rows of a prompt just completed: the first keeps the prefill slots,
         the others get copies of them."""
         p = state.params
-        copies = {
-            name: self.runners[name].fork(slot, p.n - 1) for name, slot in state.slots.items()
-        }
+        copies: dict[str, list[int]] = {}
+        try:
+            for name, slot in state.slots.items():
+                copies[name] = self.runners[name].fork(slot, p.n - 1)
+        except BaseException:
+            for name, dst in copies.items():  # the siblings' slots must not leak
+                for d in dst:
+                    self.runners[name].free(d)
+            raise
         rows = []
         for i in range(p.n):
             slots = {

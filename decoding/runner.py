@@ -139,7 +139,8 @@ class SlotCache(Cache):
         for store in (self.keys, self.values):
             for buf in store:
                 if buf is not None:
-                    buf[dst, :, :length] = buf[src, :, :length]
+                    # A copy first: when the slot is full, source and target overlap in memory.
+                    buf[dst, :, :length] = buf[src, :, :length].clone()
 
     def nbytes(self) -> int:
         return sum(b.nbytes for b in self.keys + self.values if b is not None)
@@ -229,10 +230,15 @@ class ModelRunner:
     def fork(self, src: int, count: int) -> list[int]:
         """`count` new slots holding a copy of `src`'s tokens (the siblings of an n > 1 request)."""
         dst = [self.allocate() for _ in range(count)]
-        if dst:
-            self.cache.copy_slot(src, dst, self.lengths[src])
-            for d in dst:
-                self.lengths[d] = self.lengths[src]
+        try:
+            if dst:
+                self.cache.copy_slot(src, dst, self.lengths[src])
+        except BaseException:
+            for d in dst:  # a failed copy must not leak its slots
+                self.free(d)
+            raise
+        for d in dst:
+            self.lengths[d] = self.lengths[src]
         return dst
 
     def num_tokens(self) -> int:

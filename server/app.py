@@ -29,6 +29,7 @@ from fastapi.exceptions import RequestValidationError as FastAPIValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import openapi
@@ -249,7 +250,7 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             log.debug("%s refused: %d %s", request.url.path, exc.status, exc.message[:200])
             metrics.failure(exc.reason)
             return exc.response()
-        except ClientGone:
+        except (ClientGone, ClientDisconnect):  # the client left (while sending, too)
             metrics.failure("aborted")
             return Response(status_code=499)
         except Exception as exc:  # a bug here must still answer in the OpenAI shape

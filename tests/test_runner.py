@@ -100,3 +100,19 @@ def test_self_check_refuses_a_model_that_ignores_the_slot_masks():
     with pytest.raises(UnsupportedModelError, match="differs from its own full forward"):
         r.self_check()
     assert not r.active
+
+
+def test_a_full_slot_forks_into_siblings():
+    """A prompt that fills its slot exactly: source and target rows of the copy then overlap in
+    memory, which an in-place copy refuses (found by the 30-minute soak)."""
+    r = runner("llama", slots=3)
+    (ids,) = prompts(1, seed=4)
+    ids = (ids * 20)[:64]  # 64 tokens: exactly the first capacity step
+    s = r.allocate()
+    first = r.prefill([s], [ids])[0]
+    assert r.cache.capacity == r.lengths[s] == 64
+    (sib,) = r.fork(s, 1)
+    t = int(first.argmax())
+    out = r.decode([s, sib], torch.tensor([t, (t + 1) % V]))
+    torch.testing.assert_close(out[0], full(r, ids + [t]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out[1], full(r, ids + [(t + 1) % V]), atol=1e-4, rtol=0)
