@@ -305,9 +305,7 @@ class Engine:
                 stats.sample_seconds = time.perf_counter() - t0 - result.combine_seconds
             except Exception as exc:  # noqa: BLE001 - a bug or OOM fails these rows, not the server
                 log.exception("engine step failed")
-                events += [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
-                self._batch, self._sampler_rows = [], []
-                self._last = self._last[:0]
+                events += self._fail_rows(rows, exc)
             else:
                 eos = self.family.eos_token_ids
                 for i, seq in enumerate(rows):
@@ -322,6 +320,12 @@ class Engine:
             self.spec_policy.observe(
                 len(plan.decode), drafters is not None, stats.step_seconds, stats.generated_tokens
             )
+
+    def _fail_rows(self, rows: list[Sequence], exc: Exception) -> Events:
+        """Fail the rows of a step that raised; the next step rebuilds the per-row state."""
+        self._batch, self._sampler_rows = [], []
+        self._last = self._last[:0]
+        return [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
 
     # ---------------------------------------------------------------- speculation
 
@@ -350,9 +354,7 @@ class Engine:
             result = self.speculator.step(rows, drafters, self._last, stats)
         except Exception as exc:  # noqa: BLE001 - fails these rows, not the server
             log.exception("speculative step failed")
-            events += [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
-            self._batch, self._sampler_rows = [], []
-            self._last = self._last[:0]
+            events += self._fail_rows(rows, exc)
             return
         eos = self.family.eos_token_ids
         for seq, tokens, lps in zip(rows, result.tokens, result.logprobs):
