@@ -44,7 +44,7 @@ from .request import (
     SequenceOutput,
     StepStats,
 )
-from .runner import ModelRunner, UnsupportedModelError
+from .runner import ModelRunner, UnsupportedModelError, unique_runners, weight_groups
 from .sampler import Part, Sampler, prompt_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import RequestState, Sequence
@@ -90,16 +90,18 @@ class Engine:
         self._dead: str | None = None
         # Everything below belongs to the engine thread.
         self.scheduler = Scheduler(self.config)
+        # One runner per set of weights; the entries sharing it (a model and its adapters)
+        # are its members, with their own slots, and run as one forward.
         self.runners: dict[str, ModelRunner] = {}
-        checked: set[int] = set()
-        for name, model in family.models.items():
+        for names in weight_groups(family):
             try:
-                self.runners[name] = runner = ModelRunner(model, self.config.max_batch_size)
-                if id(runner.module) not in checked:  # once per set of weights
-                    runner.self_check()
-                    checked.add(id(runner.module))
+                runner = ModelRunner(
+                    [family.models[n] for n in names], self.config.max_batch_size * len(names)
+                )
+                runner.self_check()
             except UnsupportedModelError as exc:
-                raise FamilyError(f"model {name!r}: {exc}") from exc
+                raise FamilyError(f"model {names[0]!r}: {exc}") from exc
+            self.runners.update(dict.fromkeys(names, runner))
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
         )
@@ -415,32 +417,40 @@ class Engine:
             return [], []
 
     def _forward_chunks(self, chunks: list[PrefillChunk], stats: StepStats) -> dict:
-        """One forward per model over its chunks; keeps each completed model's last logits.
-        Returns the all-position logits of echo-scoring requests: (model, request) -> [T, V]."""
+        """One forward per set of weights over its members' chunks; keeps each completed
+        model's last logits. Returns the all-position logits of echo-scoring requests:
+        (model, request) -> [T, V]."""
         full: dict[tuple[str, int], torch.Tensor] = {}
-        for name, runner in self.runners.items():
-            mine = [c for c in chunks if name in c.spans]
+        for runner, names in unique_runners(self.runners):
+            mine = {n: [c for c in chunks if n in c.spans] for n in names}
+            mine = {n: cs for n, cs in mine.items() if cs}
             if not mine:
                 continue
-            for c in mine:
-                if name not in c.state.slots:
-                    c.state.slots[name] = runner.allocate()
-            keep_all = any(c.state.params.prompt_logprobs is not None for c in mine)
-            prompts = [
-                c.state.req.prompt_ids[name][c.spans[name][0] : c.spans[name][1]] for c in mine
-            ]
+            for name, cs in mine.items():
+                for c in cs:
+                    if name not in c.state.slots:
+                        c.state.slots[name] = runner.allocate(name)
+            keep_all = any(c.state.params.prompt_logprobs is not None
+                           for cs in mine.values() for c in cs)  # fmt: skip
+            calls = {
+                name: (
+                    [c.state.slots[name] for c in cs],
+                    [c.state.req.prompt_ids[name][slice(*c.spans[name])] for c in cs],
+                )
+                for name, cs in mine.items()
+            }
             t0 = time.perf_counter()
-            logits = runner.prefill([c.state.slots[name] for c in mine], prompts, keep_all)
-            stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + (
-                time.perf_counter() - t0
-            )
-            for j, c in enumerate(mine):
-                start, end = c.spans[name]
-                c.state.cursor[name] = end
-                last = logits[j, end - start - 1] if keep_all else logits[j]
-                c.state.last_logits[name] = last
-                if c.state.params.prompt_logprobs is not None:
-                    full[(name, id(c.state))] = logits[j, : end - start]
+            out = runner.prefill_many(calls, keep_all)
+            stats.add_forward(runner.name, t0)
+            for name, cs in mine.items():
+                for j, c in enumerate(cs):
+                    start, end = c.spans[name]
+                    c.state.cursor[name] = end
+                    c.state.last_logits[name] = (
+                        out[name][j, end - start - 1] if keep_all else out[name][j]
+                    )
+                    if c.state.params.prompt_logprobs is not None:
+                        full[(name, id(c.state))] = out[name][j, : end - start]
         stats.prompt_tokens += sum(c.tokens for c in chunks)
         return full
 
@@ -506,13 +516,20 @@ class Engine:
             self._members = self._membership(rows)
             self._member_rows = rows
         parts: list[Part] = []
-        for name, (idx, coef, slots) in self._members.items():
+        for runner, names in unique_runners(self.runners):
+            mine = [n for n in names if n in self._members]
+            if not mine:
+                continue
+            calls = {}
+            for n in mine:
+                idx, _, slots = self._members[n]
+                calls[n] = (slots, self._last.index_select(0, idx))
             t0 = time.perf_counter()
-            logits = self.runners[name].decode(slots, self._last.index_select(0, idx))
-            parts.append((name, idx, coef, log_probs(logits.to(self.device), self.vocab_size)))
-            stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + (
-                time.perf_counter() - t0
-            )
+            out = runner.decode_many(calls)
+            stats.add_forward(runner.name, t0)
+            for n in mine:
+                idx, coef, _ = self._members[n]
+                parts.append((n, idx, coef, log_probs(out[n].to(self.device), self.vocab_size)))
         return parts
 
     def _membership(self, rows: list[Sequence]) -> dict:
@@ -595,7 +612,7 @@ class Engine:
         self._batch, self._sampler_rows, self._member_rows = [], [], []
         self._last = self._last[:0]
         try:
-            for runner in self.runners.values():
+            for runner, _ in unique_runners(self.runners):
                 runner.reset()
         except Exception:  # noqa: BLE001
             log.exception("could not reset the KV slots")
@@ -641,8 +658,9 @@ class Engine:
         if t_start is not None:
             stats.step_seconds = time.perf_counter() - t_start
         for name, runner in self.runners.items():
-            stats.kv_cache_tokens[name] = runner.num_tokens()
-            stats.kv_cache_bytes[name] = runner.nbytes()
+            stats.kv_cache_tokens[name] = runner.num_tokens(name)
+            # Members share their runner's buffers: the bytes count once, under its name.
+            stats.kv_cache_bytes[name] = runner.nbytes() if name == runner.name else 0
         if self.on_step is not None:
             self.on_step(stats)
 

@@ -191,6 +191,9 @@ class LoadedModel:
     max_positions: int
     chat_template: str
     shares_weights_with: str | None = None  # the entry whose loaded module this one uses
+    # An adapter entry's name inside `module`, which holds every adapter over the same weights:
+    # calling `module` directly runs PEFT's active adapter; the runner picks each row's own.
+    adapter: str | None = None
 
 
 @dataclass
@@ -249,11 +252,12 @@ def load_family(
     modules: dict[Checkpoint, LoadedModel] = {}
     tokenizers: dict[tuple[str, str | None, str | None], PreTrainedTokenizerBase] = {}
     models: dict[str, LoadedModel] = {}
+    trees: dict[int, Any] = {}  # id of a plain module -> the PEFT model of its adapters
     # Adapters load after the entries they adapt (a stable sort keeps the rest in order).
     for name in sorted(order, key=lambda n: config.models[n].adapter is not None):
         spec = config.models[name]
         if spec.adapter is not None:
-            models[name] = _load_adapter_entry(name, spec, models[spec.of])
+            models[name] = _load_adapter_entry(name, spec, models[spec.of], trees)
         else:
             models[name] = _load_entry(name, spec, device, dtype, modules, tokenizers)
         m = models[name]
@@ -322,11 +326,15 @@ def _load_entry(
     return loaded
 
 
-def _load_adapter_entry(name: str, spec: ModelSpec, of: LoadedModel) -> LoadedModel:
-    module = loading.load_adapter(name, spec.adapter, of.module)
+def _load_adapter_entry(
+    name: str, spec: ModelSpec, of: LoadedModel, trees: dict[int, Any]
+) -> LoadedModel:
+    key = id(of.module)
+    trees[key] = tree = loading.load_adapter(name, spec.adapter, of.module, trees.get(key))
     tokenizer = loading.adapter_tokenizer(name, spec.adapter, of.tokenizer)
-    loaded = _loaded(name, module, tokenizer, of.dtype, spec.chat_template)
-    loaded.shares_weights_with = of.name
+    loaded = _loaded(name, tree.get_base_model(), tokenizer, of.dtype, spec.chat_template)
+    loaded.shares_weights_with = of.shares_weights_with or of.name
+    loaded.adapter = name
     return loaded
 
 

@@ -2,9 +2,11 @@
 
 Entries that name the same checkpoint (path, revision, GGUF file, dtype, device) share one
 module: "the same model under two chat templates" costs no extra memory, and a GGUF listed
-three times is dequantised once. An adapter entry (`{adapter: DIR, of: ENTRY}`) gets a
-structural copy of its entry's model whose weight and buffer tensors are the very same objects,
-with the PEFT LoRA layers injected into the copy only: the expert costs its LoRA matrices.
+three times is dequantised once. The adapter entries (`{adapter: DIR, of: ENTRY}`) over one
+set of weights share one structural copy of that model whose weight and buffer tensors are the
+very same objects, with every adapter's PEFT LoRA layers injected into the copy only: an expert
+costs its LoRA matrices, and the runner can run the base rows and every adapter's rows in one
+forward, choosing each row's adapter (`AdapterSwitch`).
 
 Every failure is a `FamilyError` whose message is one line naming the entry; the full
 traceback goes to the debug log.
@@ -12,6 +14,7 @@ traceback goes to the debug log.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import logging
@@ -140,12 +143,13 @@ def load_module(entry: str, ckpt: Checkpoint) -> torch.nn.Module:
     return _frozen(module)
 
 
-def load_adapter(entry: str, adapter: str, of: torch.nn.Module) -> torch.nn.Module:
-    """`of`'s model plus the LoRA adapter in `adapter`, sharing every tensor of `of`.
+def load_adapter(entry: str, adapter: str, of: torch.nn.Module, tree: Any = None) -> Any:
+    """A PEFT model holding the LoRA adapter in `adapter` (named `entry`) over `of`'s weights.
 
-    PEFT injects LoRA layers into the model it is given, so it gets a copy of the module tree
-    whose parameters and buffers are `of`'s own objects (deepcopy's memo returns them as they
-    are); `of` itself stays a plain model.
+    The first adapter over `of` gets a copy of `of`'s module tree whose parameters and buffers
+    are `of`'s own objects (deepcopy's memo returns them as they are), since PEFT injects its
+    LoRA layers into the model it is given and `of` itself must stay a plain model. Later
+    adapters over the same weights are loaded into that `tree` beside the first.
     """
     if not Path(adapter).expanduser().exists() and _looks_local(adapter):
         raise FamilyError(f"model {entry!r}: no such adapter directory: {adapter}")
@@ -153,16 +157,56 @@ def load_adapter(entry: str, adapter: str, of: torch.nn.Module) -> torch.nn.Modu
         from peft import PeftModel
     except ImportError as exc:
         raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
-    shared = {id(t): t for t in (*of.parameters(), *of.buffers())}
-    skeleton = copy.deepcopy(of, memo=shared)
     try:
         with warnings.catch_warnings():  # PEFT calls APIs transformers 5 marks as deprecated
             warnings.simplefilter("ignore", FutureWarning)
-            peft_model = PeftModel.from_pretrained(skeleton, adapter, is_trainable=False)
+            if tree is None:
+                shared = {id(t): t for t in (*of.parameters(), *of.buffers())}
+                skeleton = copy.deepcopy(of, memo=shared)
+                tree = PeftModel.from_pretrained(
+                    skeleton, adapter, adapter_name=entry, is_trainable=False
+                )
+            else:
+                tree.load_adapter(adapter, adapter_name=entry, is_trainable=False)
+        if tree.peft_config[entry].peft_type.value != "LORA":
+            raise ValueError(f"a {tree.peft_config[entry].peft_type.value} adapter, not LoRA")
     except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
         raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
-    # The plain transformers model with the LoRA layers inside: the engine calls it like any other.
-    return _frozen(peft_model.get_base_model())
+    _frozen(tree.get_base_model())
+    return tree
+
+
+class AdapterSwitch:
+    """Chooses the LoRA adapter of each row of a forward through a module holding several.
+
+    One pre-forward hook per LoRA layer, installed once, hands the layer the current
+    `adapter_names` (PEFT's mixed-batch path: each layer adds each row's own adapter; the name
+    `BASE` adds none). Outside `rows(...)` the layers use PEFT's active adapter, which is why
+    the runner always goes through it.
+    """
+
+    BASE = "__base__"
+
+    def __init__(self, module: torch.nn.Module):
+        from peft.tuners.lora import LoraLayer
+
+        self.names: list[str] | None = None
+        self.layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
+        for layer in self.layers:
+            layer.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module, args, kwargs):
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def rows(self, names: list[str]):
+        self.names = names
+        try:
+            yield
+        finally:
+            self.names = None
 
 
 def adapter_tokenizer(

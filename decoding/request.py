@@ -7,6 +7,7 @@ Nothing here imports torch, so the server can use these types without touching t
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -163,3 +164,9 @@ class StepStats:
     finished: list[tuple[str, str]] = field(default_factory=list)  # (request_id, finish_reason)
     spec_draft_tokens: int = 0  # speculative decoding: tokens drafted this step
     spec_accepted_tokens: int = 0  # ... and accepted by the verification
+
+    def add_forward(self, model: str, since: float) -> None:
+        """Counts the time since `since` (a `time.perf_counter()`) as `model`'s forward time."""
+        self.forward_seconds[model] = self.forward_seconds.get(model, 0.0) + (
+            time.perf_counter() - since
+        )

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, get_layer_types_and_kwargs
 
-from .family import LoadedModel
+from .family import Family, LoadedModel
+from .loading import AdapterSwitch
 
 KINDS = ("full_attention", "sliding_attention")
 
@@ -182,18 +183,32 @@ class SlotCache(Cache):
 
 
 class ModelRunner:
-    """One model's slots, and its forwards: prefill chunks of joining rows, decode steps."""
+    """One set of weights: its slots, and its forwards (prefill chunks of joining rows, decode
+    steps).
 
-    def __init__(self, model: LoadedModel, num_slots: int):
-        self.model = model
-        self.module = model.module
-        self.device = model.input_device
-        self.windows = attention_windows(model.module)
+    The family entries that run these weights (the same checkpoint listed twice, a model and
+    the LoRA adapters over it) are the runner's *members*: each keeps its own slots, and one
+    forward serves the rows of every member, each row through its own adapter
+    (`prefill_many`/`decode_many`): a reference and its k adapters cost one forward per step,
+    not k + 1.
+    """
+
+    def __init__(self, models: LoadedModel | list[LoadedModel], num_slots: int):
+        members = [models] if isinstance(models, LoadedModel) else list(models)
+        self.model = members[0]
+        self.name = self.model.name  # the member that timings and KV bytes are reported under
+        tuned = [m for m in members if m.adapter is not None]
+        self.module = tuned[0].module if tuned else self.model.module
+        self.switch = AdapterSwitch(self.module) if tuned else None
+        self.adapter_of = {m.name: m.adapter or AdapterSwitch.BASE for m in members}
+        self.device = self.model.input_device
+        self.windows = attention_windows(self.module)
         self.kinds = sorted({w for w in self.windows}, key=lambda w: (w is not None, w or 0))
-        self.dtype = model.module.dtype
-        self.pad_id = model.tokenizer.pad_token_id or 0
+        self.dtype = self.module.dtype
+        self.pad_id = self.model.tokenizer.pad_token_id or 0
         self.cache = SlotCache(len(self.windows), num_slots)
         self.lengths = [0] * num_slots  # tokens held by each slot
+        self.owner: list[str | None] = [None] * num_slots  # the member holding each slot
         self._free = list(range(num_slots))  # a heap: the lowest free slot is taken first
         self.active: set[int] = set()
 
@@ -206,12 +221,13 @@ class ModelRunner:
         self._free = list(range(len(self.lengths)))
         self.active.clear()
 
-    def allocate(self) -> int:
+    def allocate(self, owner: str | None = None) -> int:
         if not self._free:
-            raise RuntimeError(f"model {self.model.name!r}: no free KV slot")
+            raise RuntimeError(f"model {owner or self.name!r}: no free KV slot")
         slot = heapq.heappop(self._free)
         self.active.add(slot)
         self.lengths[slot] = 0
+        self.owner[slot] = owner or self.name
         return slot
 
     @torch.inference_mode()
@@ -229,7 +245,7 @@ class ModelRunner:
     @torch.inference_mode()
     def fork(self, src: int, count: int) -> list[int]:
         """`count` new slots holding a copy of `src`'s tokens (the siblings of an n > 1 request)."""
-        dst = [self.allocate() for _ in range(count)]
+        dst = [self.allocate(self.owner[src]) for _ in range(count)]
         try:
             if dst:
                 self.cache.copy_slot(src, dst, self.lengths[src])
@@ -241,8 +257,9 @@ class ModelRunner:
             self.lengths[d] = self.lengths[src]
         return dst
 
-    def num_tokens(self) -> int:
-        return sum(self.lengths[s] for s in self.active)
+    def num_tokens(self, owner: str | None = None) -> int:
+        """Tokens held in the slots of `owner` (a member), or of every member."""
+        return sum(self.lengths[s] for s in self.active if owner in (None, self.owner[s]))
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
@@ -268,7 +285,7 @@ class ModelRunner:
             worst = 0.0
             for step in range(3):
                 for i, ids in enumerate(seqs):
-                    full = self.module(input_ids=torch.tensor([ids], device=self.device))
+                    full = self._forward([None], input_ids=torch.tensor([ids], device=self.device))
                     want = torch.log_softmax(full.logits[0, -1].float(), -1)
                     got = torch.log_softmax(logits[i].float().to(want.device), -1)
                     worst = max(worst, (got - want).abs().max().item())
@@ -296,7 +313,8 @@ class ModelRunner:
         self, slots: list[int], chunks: list[list[int]], keep_all: bool = False
     ) -> torch.Tensor:
         """Append each chunk to its slot; return logits [b, V] at each chunk's last token, or
-        [b, t, V] at every position (right-padded) when `keep_all`."""
+        [b, t, V] at every position (right-padded) when `keep_all`. Each row runs as the member
+        that owns its slot."""
         dev = self.device
         b, t = len(slots), max(len(c) for c in chunks)
         starts = [self.lengths[s] for s in slots]
@@ -319,7 +337,8 @@ class ModelRunner:
         else:
             uniq = sorted(set(last))
             keep = torch.tensor(uniq, device=dev)
-        out = self.module(
+        out = self._forward(
+            [self.owner[s] for s in slots],
             input_ids=ids,
             attention_mask=self._masks(q_pos, start + lens, width),
             position_ids=positions,
@@ -365,7 +384,12 @@ class ModelRunner:
             q_pos = torch.tensor([self.lengths[s] for s in slots], device=dev).unsqueeze(-1)
             addr = _Addressing(index, q_pos, "gather", width)
         self.cache.set_addressing(addr)
-        out = self.module(
+        if addr.mode == "view":  # padding rows run as the owner of slot 0: any member will do
+            owners = [self.owner[s] or self.name for s in range(span)]
+        else:
+            owners = [self.owner[s] for s in slots]
+        out = self._forward(
+            owners,
             input_ids=ids.unsqueeze(-1),
             attention_mask=self._masks(q_pos, q_pos.squeeze(-1) + 1, width),
             position_ids=q_pos,
@@ -376,6 +400,33 @@ class ModelRunner:
         for s in slots:
             self.lengths[s] += 1
         return out.index_select(0, index.to(out.device)) if addr.mode == "view" else out
+
+    def prefill_many(
+        self, calls: dict[str, tuple[list[int], list[list[int]]]], keep_all: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """`prefill` of several members' rows ({member: (slots, chunks)}) in one forward;
+        each member's logits (with `keep_all`, padded to the longest chunk of any member)."""
+        slots = [s for sl, _ in calls.values() for s in sl]
+        out = self.prefill(slots, [c for _, ch in calls.values() for c in ch], keep_all)
+        return self._split(out, {m: len(sl) for m, (sl, _) in calls.items()})
+
+    def decode_many(
+        self, calls: dict[str, tuple[list[int], torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """`decode` of several members' rows ({member: (slots, tokens)}) in one forward."""
+        slots = [s for sl, _ in calls.values() for s in sl]
+        tokens = torch.cat([t.to(self.device) for _, t in calls.values()])
+        return self._split(self.decode(slots, tokens), {m: len(sl) for m, (sl, _) in calls.items()})
+
+    @staticmethod
+    def _split(out: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+        return dict(zip(sizes, out.split(list(sizes.values()))))
+
+    def _forward(self, owners: list[str | None], **inputs):
+        if self.switch is None:
+            return self.module(**inputs)
+        with self.switch.rows([self.adapter_of[o or self.name] for o in owners]):
+            return self.module(**inputs)
 
     def _masks(self, q_pos: torch.Tensor, valid: torch.Tensor, width: int):
         """Additive [b, 1, t, width] masks: causal, within each row's own tokens, and within
@@ -393,3 +444,21 @@ class ModelRunner:
             "full_attention": masks.get(None),
             "sliding_attention": next(m for w, m in masks.items() if w is not None),
         }
+
+
+def weight_groups(family: Family) -> list[list[str]]:
+    """The family's entries grouped by the weights they run (an adapter runs its model's), in
+    family order: each group is one runner's members."""
+    groups: dict[int, list[str]] = {}
+    for name, m in family.models.items():
+        owner = family.models[m.shares_weights_with or name]
+        groups.setdefault(id(owner.module), []).append(name)
+    return list(groups.values())
+
+
+def unique_runners(runners: dict[str, ModelRunner]) -> list[tuple[ModelRunner, list[str]]]:
+    """Each distinct runner of a {model: runner} map, with its members in the map's order."""
+    out: dict[int, tuple[ModelRunner, list[str]]] = {}
+    for name, runner in runners.items():
+        out.setdefault(id(runner), (runner, []))[1].append(name)
+    return list(out.values())

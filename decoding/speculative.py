@@ -32,7 +32,7 @@ import torch
 
 from .composition import combine, log_probs
 from .request import TokenLogprob
-from .runner import ModelRunner
+from .runner import ModelRunner, unique_runners
 from .sampler import Sampler
 from .sequence import Sequence
 
@@ -139,17 +139,21 @@ class SpeculativeDecoder:
         inputs = last.clone()
         for j in range(kmax):
             lp = torch.zeros(b, self.vocab, device=dev)
-            for name in set(drafters):
-                idx = [i for i in range(b) if drafters[i] == name and ks[i] > j]
-                if not idx:
+            for runner, names in unique_runners(self.runners):
+                rows_of = {n: [i for i in range(b) if drafters[i] == n and ks[i] > j]
+                           for n in names}  # fmt: skip
+                rows_of = {n: idx for n, idx in rows_of.items() if idx}
+                if not rows_of:
                     continue
-                index = torch.tensor(idx, device=dev)
+                index = {n: torch.tensor(idx, device=dev) for n, idx in rows_of.items()}
                 t = time.perf_counter()
-                logits = self.runners[name].decode(
-                    [rows[i].slots[name] for i in idx], inputs.index_select(0, index)
-                )
-                _add_time(stats, name, t)
-                lp.index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
+                out = runner.decode_many({
+                    n: ([rows[i].slots[n] for i in idx], inputs.index_select(0, index[n]))
+                    for n, idx in rows_of.items()
+                })  # fmt: skip
+                stats.add_forward(runner.name, t)
+                for n, logits in out.items():
+                    lp.index_copy_(0, index[n], log_probs(logits.to(dev), self.vocab))
             q[j] = self.sampler.probs(self.sampler.draft_logits(rows, lp, ahead=j))
             noise = self.sampler.noise((b, self.vocab), "exponential", [k > j for k in ks])
             drafts[:, j] = (q[j] / noise).argmax(-1)
@@ -162,22 +166,28 @@ class SpeculativeDecoder:
                 if name in seq.slots:
                     runner.lengths[seq.slots[name]] = start[name][seq.slots[name]]
         per_pos: list[list] = [[] for _ in range(kmax + 1)]  # position -> parts
-        for name, runner in self.runners.items():
-            idx = [i for i in range(b) if name in rows[i].slots]
-            if not idx:
+        for runner, names in unique_runners(self.runners):
+            rows_of = {n: [i for i in range(b) if n in rows[i].slots] for n in names}
+            rows_of = {n: idx for n, idx in rows_of.items() if idx}
+            if not rows_of:
                 continue
-            chunks = [[t0_list[i]] + draft_list[i][: ks[i]] for i in idx]
+            calls = {
+                n: ([rows[i].slots[n] for i in idx],
+                    [[t0_list[i]] + draft_list[i][: ks[i]] for i in idx])
+                for n, idx in rows_of.items()
+            }  # fmt: skip
             t = time.perf_counter()
-            logits = runner.prefill([rows[i].slots[name] for i in idx], chunks, keep_all=True)
-            _add_time(stats, name, t)
-            index = torch.tensor(idx, device=dev)
-            coef = torch.tensor(
-                [rows[i].request.req.composition.coeffs[name] for i in idx], device=dev
-            )
-            lps = log_probs(logits.to(dev), self.vocab)  # [rows, longest chunk, V]
-            for j in range(kmax + 1):
-                # Past a row's own block its entries are padding, never read.
-                per_pos[j].append((name, index, coef, lps[:, min(j, lps.shape[1] - 1)]))
+            out = runner.prefill_many(calls, keep_all=True)
+            stats.add_forward(runner.name, t)
+            for name, idx in rows_of.items():
+                index = torch.tensor(idx, device=dev)
+                coef = torch.tensor(
+                    [rows[i].request.req.composition.coeffs[name] for i in idx], device=dev
+                )
+                lps = log_probs(out[name].to(dev), self.vocab)  # [rows, longest chunk, V]
+                for j in range(kmax + 1):
+                    # Past a row's own block its entries are padding, never read.
+                    per_pos[j].append((name, index, coef, lps[:, min(j, lps.shape[1] - 1)]))
 
         # 3. Accept left to right; the first rejection resamples from the residual.
         emitted: list[list[int]] = [[] for _ in range(b)]
@@ -248,7 +258,3 @@ class SpeculativeDecoder:
                 self.runners[name].lengths[slot] = start[name][slot] + m
         last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
         return SpecResult(emitted, lps, last_tokens, sum(ks), accepted_total)
-
-
-def _add_time(stats, name: str, t0: float) -> None:
-    stats.forward_seconds[name] = stats.forward_seconds.get(name, 0.0) + time.perf_counter() - t0

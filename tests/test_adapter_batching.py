@@ -1,0 +1,127 @@
+"""LoRA adapters over one model run with that model as one forward per step, and compute what
+separate merged models compute."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from decoding.composition import make_composition
+from decoding.engine import Engine, EngineConfig
+from decoding.family import load_family
+from decoding.request import GenerationRequest, SamplingParams
+
+KNOBS = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, {"b": 1.5}, {"a": 0.0, "b": 0.0}]
+PROMPTS = ["the river city", "a king of salt and copper was founded", "north", "the grain"]
+
+
+def lora(small_dir: Path, out: Path, seed: int, targets: list[str]) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(small_dir)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(out)
+    return out
+
+
+def merged(small_dir: Path, adapter: Path, out: Path) -> Path:
+    """The adapter merged into a full copy of the model: what a user would serve without
+    adapter entries."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_dir), adapter)
+    model.merge_and_unload().save_pretrained(out)
+    for f in small_dir.glob("tokenizer*"):
+        shutil.copy(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def families(tiny_family_path, tmp_path_factory) -> tuple[Path, Path]:
+    root = tiny_family_path.parent
+    small = root / "small-base"
+    tmp = tmp_path_factory.mktemp("adapters")
+    a = lora(small, tmp / "a", 1, ["q_proj", "v_proj"])
+    b = lora(small, tmp / "b", 2, ["q_proj", "k_proj", "o_proj", "down_proj"])
+    common = {"large-base": {"path": str(root / "large-base")}, "small-base": {"path": str(small)}}
+    config = {"base": "large-base", "reference": "small-base", "experts": ["a", "b"]}
+    adapted = {**common, "a": {"adapter": str(a), "of": "small-base"},
+               "b": {"adapter": str(b), "of": "small-base"}}  # fmt: skip
+    full = {**common, "a": {"path": str(merged(small, a, tmp / "a-merged"))},
+            "b": {"path": str(merged(small, b, tmp / "b-merged"))}}  # fmt: skip
+    paths = []
+    for name, models in (("adapted", adapted), ("merged", full)):
+        path = tmp / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"name": name, "models": models, **config}))
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def run(family, speculative: str = "off"):
+    """Every (prompt, knobs) pair at once, greedy with log-probs; also counts each weight
+    set's forwards."""
+    calls: dict[str, int] = {}
+    drafted = []
+    engine = Engine(family, EngineConfig(max_batch_size=16, speculative=speculative),
+                    on_step=lambda s: drafted.append(s.spec_draft_tokens))  # fmt: skip
+    for runner in {id(r): r for r in engine.runners.values()}.values():
+        runner.module.register_forward_pre_hook(
+            lambda *_, n=runner.name: calls.__setitem__(n, calls.get(n, 0) + 1)
+        )
+
+    async def one(i: int, text: str, knobs: dict) -> tuple[list[int], list[float]]:
+        ids = family.tokenizer.encode(text)
+        # The request with no expert cannot speculate: it ends early, so the others can.
+        length = 10 if any(knobs.values()) else 3
+        params = SamplingParams(max_tokens=length, temperature=0, logprobs=0, ignore_eos=True)
+        req = GenerationRequest(f"r{i}", {m: ids for m in family.models},
+                                make_composition(family, None, knobs), params)  # fmt: skip
+        tokens, lps = [], []
+        async for ev in engine.submit(req):
+            tokens += ev.token_ids
+            lps += [lp.logprob for lp in ev.logprobs or []]
+        return tokens, lps
+
+    async def go():
+        engine.start()
+        try:
+            jobs = [one(i, p, k) for i, (p, k) in enumerate(zip(PROMPTS, KNOBS))]
+            return await asyncio.gather(*jobs)
+        finally:
+            await engine.shutdown()
+
+    outputs = asyncio.run(go())
+    assert (sum(drafted) > 0) == (speculative != "off")
+    return outputs, calls, engine
+
+
+def test_a_model_and_its_adapters_share_one_runner_and_one_forward_per_step(
+    families, one_torch_thread
+):
+    family = load_family(families[0])
+    _, calls, engine = run(family)
+    runners = engine.runners
+    assert runners["small-base"] is runners["a"] is runners["b"]
+    assert runners["large-base"] is not runners["a"]
+    # Every step runs the large base once; the reference and both adapters together once.
+    assert calls["small-base"] == calls["large-base"] > 0
+
+
+@pytest.mark.parametrize("speculative", ["off", "3"])
+def test_batched_adapters_compute_what_separate_merged_models_compute(
+    families, speculative, one_torch_thread
+):
+    adapted, _, _ = run(load_family(families[0]), speculative)
+    full, calls, _ = run(load_family(families[1]), "off")
+    assert len(calls) == 4  # the merged family runs four forwards per step
+    for (tok_a, lp_a), (tok_m, lp_m) in zip(adapted, full):
+        assert tok_a == tok_m
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_m), atol=1e-4, rtol=0)
