@@ -172,17 +172,21 @@ def load_adapter(entry: str, adapter: str, of: torch.nn.Module, tree: Any = None
             raise ValueError(f"a {tree.peft_config[entry].peft_type.value} adapter, not LoRA")
     except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
         raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
+    check_plain_lora(entry, tree)
     _frozen(tree.get_base_model())
     return tree
 
 
 class AdapterSwitch:
-    """Chooses the LoRA adapter of each row of a forward through a module holding several.
+    """Runs each row of a forward through its own LoRA adapter, in a module holding several.
 
-    One pre-forward hook per LoRA layer, installed once, hands the layer the current
-    `adapter_names` (PEFT's mixed-batch path: each layer adds each row's own adapter; the name
-    `BASE` adds none). Outside `rows(...)` the layers use PEFT's active adapter, which is why
-    the runner always goes through it.
+    Inside `rows(names)` every LoRA layer computes its base layer only (PEFT's adapters
+    switched off), and a forward hook, installed once per layer, adds each adapter's
+    `B(A(x)) * scaling` to that adapter's rows: a contiguous slice where the rows are (as the
+    runner lays out a prefill or a sparse decode), an index otherwise. The rows of each adapter
+    are worked out once per forward, not per layer (PEFT's own mixed-batch path does that per
+    layer, which costs more than the LoRA matrices on small models). The name `BASE` adds none.
+    Outside `rows(...)` the layers behave as PEFT made them (its active adapter).
     """
 
     BASE = "__base__"
@@ -190,23 +194,68 @@ class AdapterSwitch:
     def __init__(self, module: torch.nn.Module):
         from peft.tuners.lora import LoraLayer
 
-        self.names: list[str] | None = None
         self.layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
+        self.plan: list[tuple[str, slice | torch.Tensor]] | None = None
+        self._on: dict[torch.device, list] = {}
         for layer in self.layers:
-            layer.register_forward_pre_hook(self._hook, with_kwargs=True)
-
-    def _hook(self, _module, args, kwargs):
-        if self.names is not None:
-            kwargs["adapter_names"] = self.names
-        return args, kwargs
+            layer.register_forward_hook(self._add_deltas)
 
     @contextlib.contextmanager
     def rows(self, names: list[str]):
-        self.names = names
+        plan: list[tuple[str, slice | torch.Tensor]] = []
+        for adapter in dict.fromkeys(names):
+            if adapter == self.BASE:
+                continue
+            idx = [i for i, n in enumerate(names) if n == adapter]
+            contiguous = idx[-1] - idx[0] + 1 == len(idx)
+            plan.append((adapter, slice(idx[0], idx[-1] + 1) if contiguous else torch.tensor(idx)))
+        saved = [layer._disable_adapters for layer in self.layers]
+        for layer in self.layers:
+            layer._disable_adapters = True
+        self.plan, self._on = plan, {}
         try:
             yield
         finally:
-            self.names = None
+            self.plan = None
+            for layer, was in zip(self.layers, saved):
+                layer._disable_adapters = was
+
+    def _add_deltas(self, layer, args, output):
+        if not self.plan:
+            return output
+        x = args[0]
+        plan = self._on.get(x.device)
+        if plan is None:  # layers spread over devices get the indices on their own
+            plan = self._on[x.device] = [
+                (a, r if isinstance(r, slice) else r.to(x.device)) for a, r in self.plan
+            ]
+        for adapter, rows in plan:
+            if adapter not in layer.lora_A:
+                continue
+            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
+            scale = layer.scaling[adapter]
+            if isinstance(rows, slice):
+                output[rows] += (b(a(x[rows].to(a.weight.dtype))) * scale).to(output.dtype)
+            else:
+                delta = b(a(x.index_select(0, rows).to(a.weight.dtype))) * scale
+                output.index_add_(0, rows, delta.to(output.dtype))
+        return output
+
+
+def check_plain_lora(entry: str, tree: Any) -> None:
+    """What `AdapterSwitch` computes: LoRA on linear layers, without DoRA-style variants."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    for name, m in tree.named_modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if entry in getattr(m, "lora_embedding_A", {}) or (
+            entry in m.lora_A and (not isinstance(m, Linear) or entry in m.lora_variant)
+        ):
+            raise FamilyError(
+                f"model {entry!r}: the adapter's layer {name} is not plain LoRA on a linear "
+                "layer (DoRA, embedding or convolution adapters: merge it into a checkpoint)"
+            )
 
 
 def adapter_tokenizer(

@@ -12,6 +12,11 @@ One run measures, on the same models and machine:
   through the server at concurrency 16 / the naive EFT loop in static batches of 16;
 - itl_p99_over_p50_poisson: ITL p99 / p50 of the mixed workload under Poisson arrivals, at most
   16 in flight;
+- adapter_step_ratio_b1/_b16: the engine's decode-step time with two LoRA experts served as
+  separate merged models / as adapters of the reference (one forward for the reference and its
+  adapters), at batch 1 and 16 (`loadtest.adapter_bench`);
+- spec_speedup_b1, spec_acceptance, spec_speedup_c16: speculative EFT vs off
+  (`loadtest.spec_bench`);
 - memory: peak server RSS per phase, per-model KV bytes at the peak, KV bytes once idle, and
   rss_growth = RSS after 1,000 requests / after 100.
 The bench builds its family, starts `eft-serve` itself on a free loopback port and stops it.
@@ -34,6 +39,7 @@ from pathlib import Path
 
 import psutil
 
+from loadtest.adapter_bench import compare as compare_adapters
 from loadtest.bench_results import compose, format_markdown, format_table
 from loadtest.engine_bench import decode_step_seconds
 from loadtest.naive import forward_costs, prompt_ids, run_naive, run_static_batches
@@ -315,6 +321,9 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
         spec_prompts = [[{"role": "user", "content": f"{w} of the north"}] for w in SPEC_WORDS]
         spec = compare_all(family, spec_prompts, "4", plan.max_tokens, reps=1)
         log("  " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in spec.items()))
+        log("LoRA experts as adapters of the reference vs as separate merged models")
+        adapters = compare_adapters(family_yaml, max_tokens=plan.max_tokens, rounds=2)
+        log(f"  step ratio batch 1 {adapters['ratio_b1']:.2f}x, 16 {adapters['ratio_b16']:.2f}x")
         workload = mixed_workload(plan.mixed_requests, MIXED_SEED)
         log(f"naive static batches of 16: {len(workload)} requests of the mixed workload")
         static = run_static_batches(family, EFT_KNOBS, workload, batch=16, seed=MIXED_SEED)
@@ -328,6 +337,7 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
             "static": static,
             "workload_lengths": [k for _, k in workload],
             "spec": spec,
+            "adapters": adapters,
         }
     finally:
         del family
@@ -431,12 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     res: dict = {"plan": plan.name, "command": command, "machine": machine}
     res["family"] = family_info(family_yaml, plan, local.pop("params"))
     spec = local.pop("spec")
+    adapters = local.pop("adapters")
     res.update(compose(srv=srv, levels=levels, **local))
     res["spec_speedup_b1"] = spec["b1_greedy"]["ratio"]
     res["spec_speedup_b1_temperature_1"] = spec["b1_temperature_1"]["ratio"]
     res["spec_acceptance"] = spec["b1_temperature_1"]["acceptance"]
     res["spec_speedup_c16"] = spec["c16_auto_vs_off"]["ratio"]
     res["spec"] = spec
+    res["adapters"] = adapters
+    res["adapter_step_ratio_b1"] = adapters["ratio_b1"]
+    res["adapter_step_ratio_b16"] = adapters["ratio_b16"]
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["bench_seconds"] = time.perf_counter() - t_start
     print(format_table(res))

@@ -325,6 +325,24 @@ def format_table(res: dict) -> str:
         f"{mib(m['rss_after_100'])} / {mib(m['rss_after_1000'])}",
     )
     row("rss_growth", fmt(res["rss_growth"], ".3f"), mark("rss_growth"))
+    if res.get("spec_speedup_b1") is not None:
+        lines.append("")
+        row("spec_speedup_b1 (greedy, batch 1)", fmt(res["spec_speedup_b1"], ".2f") + "x")
+        row(
+            "spec_speedup_b1 at temperature 1",
+            fmt(res["spec_speedup_b1_temperature_1"], ".2f") + "x",
+        )
+        row("spec_acceptance (accepted / drafted)", fmt(res["spec_acceptance"], ".2f"))
+        row("spec_speedup_c16 (auto / off)", fmt(res["spec_speedup_c16"], ".2f") + "x")
+    if res.get("adapter_step_ratio_b16") is not None:
+        a = res["adapters"]
+        note = f"{a['adapters']} LoRA experts of rank {a['rank']}"
+        row(
+            "adapter_step_ratio_b1 (merged / adapters)",
+            fmt(res["adapter_step_ratio_b1"], ".2f") + "x",
+            note,
+        )
+        row("adapter_step_ratio_b16", fmt(res["adapter_step_ratio_b16"], ".2f") + "x", note)
     loads = ", ".join(f"{k} {v:.1f}" for k, v in res["loadavg_1min_per_phase"].items())
     lines += [
         "",

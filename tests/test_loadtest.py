@@ -414,3 +414,14 @@ def test_engine_decode_step_seconds_per_batch_size(tiny_family, one_torch_thread
     prompts = [tiny_family.tokenizer.encode("the river city")]
     steps = decode_step_seconds(tiny_family, {"helpful": 1.0}, prompts, 4, (1, 3), rounds=1)
     assert set(steps) == {1, 3} and all(0 < v < 5 for v in steps.values())
+
+
+def test_adapter_bench_times_adapters_against_merged_models(
+    tiny_family_path, one_torch_thread
+) -> None:
+    from loadtest.adapter_bench import compare
+
+    res = compare(tiny_family_path, adapters=2, rank=4, max_tokens=3, rounds=1)
+    for key in ("step_seconds_adapters", "step_seconds_merged"):
+        assert set(res[key]) == {1, 16} and all(0 < v < 5 for v in res[key].values())
+    assert res["ratio_b16"] == res["step_seconds_merged"][16] / res["step_seconds_adapters"][16]
