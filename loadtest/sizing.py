@@ -248,13 +248,15 @@ def table(rows: list[Sizing], dtype: str = "bfloat16") -> str:
 
 
 def example(sizings: dict[str, Sizing]) -> str:
-    """The README's worked example: the Llama family's weights and KV for a full batch."""
+    """The README's worked example: the Llama family's weights and KV for a full batch (bf16)."""
     rows = [sizings[n] for n in EXAMPLE]
     weights = [r.weight_bytes / 1e9 for r in rows]
     kv = [r.kv_bytes_per_token for r in rows]
     batch = EXAMPLE_SEQUENCES * EXAMPLE_TOKENS * sum(kv)
-    # One cache row per batch slot and a scratch row, grown by half at a time.
+    # One cache row per batch slot and a scratch row, each grown by half at a time.
     allocated = (EXAMPLE_SEQUENCES + 1) * EXAMPLE_TOKENS * sum(kv) * 1.5
+    total = sum(weights) + allocated / 1e9
+    fits = "fits one 80 GB GPU" if total <= 80 else "needs more than one 80 GB GPU"
     return wrap(
         f"Example: the Llama family above holds {' + '.join(_sig(w) for w in weights)} = "
         f"{_sig(sum(weights))} GB of weights and {' + '.join(f'{k // KIB:g}' for k in kv)} = "
@@ -262,15 +264,15 @@ def example(sizings: dict[str, Sizing]) -> str:
         f"{EXAMPLE_TOKENS:,} tokens hold another {batch / GIB:g} GiB. Each model's cache has "
         f"`--max-batch-size` + 1 rows as long as the longest sequence, grown by half at a time, "
         f"so with `--max-batch-size {EXAMPLE_SEQUENCES}` budget up to "
-        f"{allocated / GIB:.0f} GiB (`eft_kv_cache_bytes` reports what is allocated): one "
-        f"80 GB GPU."
+        f"{allocated / GIB:.0f} GiB (`eft_kv_cache_bytes` reports what is allocated): "
+        f"{total:.0f} GB in all, which {fits}."
     )
 
 
-def readme_block(dtype: str = "bfloat16") -> str:
-    """The table, its footnotes and the worked example, as the README holds them."""
-    sizings = {name: size(name, dtype) for name in CONFIGS}
-    return table(list(sizings.values()), dtype) + "\n" + example(sizings) + "\n"
+def readme_block() -> str:
+    """The bf16 table, its footnotes and the worked example, as the README holds them."""
+    sizings = {name: size(name) for name in CONFIGS}
+    return table(list(sizings.values())) + "\n" + example(sizings) + "\n"
 
 
 def select(names: list[str]) -> list[str]:
