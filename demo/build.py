@@ -474,7 +474,6 @@ def _tail(losses: list[float], n: int = 20) -> float:
     return round(sum(losses[-n:]) / max(1, len(losses[-n:])), 4)
 
 
-
 def print_summary(summary: dict) -> None:
     print(
         f"\ncorpus: {summary['corpus_docs']} documents, {summary['corpus_tokens']} tokens; "
@@ -497,7 +496,9 @@ def print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m demo.build", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default demo/family)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of every random choice of the build (default 0)"
+    )
     p.add_argument("--tiny", action="store_true", help="scaled-down build (tests, smoke checks)")
     p.add_argument("--steps", type=int, help="override the pre-training steps")
     p.add_argument(

@@ -457,7 +457,11 @@ def main(argv: list[str] | None = None) -> None:
         "demo/family/downscale.yaml); 'none' skips the row",
     )
     p.add_argument("--downscale-url", help="a running eft-serve of the down-scaling family")
-    p.add_argument("--api-key", default=os.environ.get("EFT_API_KEY"))
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EFT_API_KEY"),
+        help="the server's API key (default: env EFT_API_KEY, else none)",
+    )
     p.add_argument("--json", required=True, help="write the results here")
     p.add_argument("--plot", help="write the rows-and-sweep PNG here")
     p.add_argument("--frontier-plot", help="write the helpful-harmless frontier PNG here")
@@ -470,13 +474,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{','.join(map(str, FRONTIER_HELPFUL))};{','.join(map(str, FRONTIER_HARMLESS))})",
     )
     p.add_argument("--state", help="a sweep JSON: a rerun skips the points it already holds")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     p.add_argument("--questions", type=int, help="use only the first N held-out questions")
     p.add_argument("--restricted", type=int, help="use only the first N restricted prompts")
     p.add_argument(
         "--server-threads", type=int, default=1, help="--threads of the started eft-serve"
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
 
     config = Path(args.config)

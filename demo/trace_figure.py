@@ -72,12 +72,19 @@ def plot(per_answer: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Per-token implicit reward figure of the demo family.")
+    p = argparse.ArgumentParser(
+        prog="python -m demo.trace_figure",
+        description="Per-token implicit reward figure of the demo family.",
+    )
     p.add_argument("--url", help="a running eft-serve of the demo family (default: start one)")
-    p.add_argument("--model", default="demo")
-    p.add_argument("--api-key", default=os.environ.get("EFT_API_KEY"))
-    p.add_argument("--out", required=True, help="the PNG")
-    p.add_argument("--json", help="also write the trace entries here")
+    p.add_argument("--model", default="demo", help="the family id to score with (default demo)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EFT_API_KEY"),
+        help="the server's API key (default: env EFT_API_KEY, else none)",
+    )
+    p.add_argument("--out", required=True, help="the PNG to write (required)")
+    p.add_argument("--json", help="also write the trace entries here (default: not written)")
     args = p.parse_args(argv)
     with ExitStack() as stack:
         url = args.url

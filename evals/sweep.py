@@ -328,18 +328,33 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "implicit-reward[:EXPERT], or MODULE:FUNCTION (repeatable)",
     )
     p.add_argument("--samples", type=int, default=1, help="answers per prompt (K)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0)"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=None, help="top-p (default: not sent, i.e. the server's 1)"
+    )
     p.add_argument("--seed", type=int, default=None, help="seed of the first sample chunk")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--endpoint", choices=("auto", "chat", "completions"), default="auto")
+    p.add_argument(
+        "--max-tokens", type=int, default=64, help="output tokens per answer (default 64)"
+    )
+    p.add_argument(
+        "--endpoint",
+        choices=("auto", "chat", "completions"),
+        default="auto",
+        help="auto (default): chat for prompts given as messages, completions for text",
+    )
     p.add_argument(
         "--echo",
         action="store_true",
         help="score the prompts themselves (echo + max_tokens 0; with `completion`, only it)",
     )
     p.add_argument("--extra", default="{}", help="JSON object of more request body fields")
-    p.add_argument("--api-key", default=os.environ.get("EFT_API_KEY"))
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("EFT_API_KEY"),
+        help="the server's API key (default: env EFT_API_KEY, else none)",
+    )
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--json", help="results JSON; rerunning with it skips the points it holds")
     p.add_argument("--fresh", action="store_true", help="ignore the points already in --json")

@@ -63,7 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="seconds one request may take (default 300)",
     )
     p.add_argument("--warmup", type=int, default=0, help="unmeasured requests sent first")
-    p.add_argument("--max-tokens", type=positive_int, default=64)
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=64, help="output tokens per request (default 64)"
+    )
     p.add_argument(
         "--range-ratio",
         type=float,
@@ -92,7 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="knobs for --knobs fixed, e.g. '{\"helpful\": 1.0}'",
     )
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument(
+        "--temperature", type=float, default=1.0, help="sampling temperature (default 1)"
+    )
     p.add_argument(
         "--logprobs",
         action="store_true",
@@ -100,7 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(otherwise text it holds back, e.g. half a UTF-8 character, merges tokens into a chunk)",
     )
     p.add_argument("--api-key", default=None, help="Bearer token for the server's --api-key")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the prompts, output lengths and knobs; request i samples with seed + i "
+        "(default 0)",
+    )
     p.add_argument("--model", default=None, help="default: the first id of GET /v1/models")
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the summary as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="latency CDFs + throughput over time")

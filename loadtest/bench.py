@@ -370,8 +370,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="tiny random family, a few minutes at most (what a developer runs)",
     )
-    p.add_argument("--json", dest="json_out", required=True, metavar="OUT")
-    p.add_argument("--plot", metavar="OUT.png")
+    p.add_argument(
+        "--json",
+        dest="json_out",
+        required=True,
+        metavar="OUT",
+        help="write every figure here (required)",
+    )
+    p.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="latency CDFs and throughput of the server runs (default: none)",
+    )
     p.add_argument("--markdown", metavar="OUT.md", help="the headline figures as Markdown tables")
     p.add_argument(
         "--family-dir",
@@ -384,7 +394,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(map(str, LEVELS)),
         help="concurrency levels for `scaling` (must include 1, 4 and 16)",
     )
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=32,
+        help="--max-batch-size of the started eft-serve (default 32)",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -161,11 +161,22 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.engine_bench", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--config", help="family YAML (default: build the tiny random family)")
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    ap.add_argument(
+        "--requests",
+        type=int,
+        default=16,
+        help="requests, run one after another and then all at once (default 16)",
+    )
+    ap.add_argument(
+        "--max-tokens", type=int, default=64, help="output tokens of each request (default 64)"
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own default)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

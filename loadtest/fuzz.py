@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", default=None, help="family YAML to serve when no --url")
     p.add_argument("--cases", type=int, default=400, help="cases in all, over every operation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated cases")
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     p.add_argument("--json", default=None, help="write the summary here")
     args = p.parse_args(argv)

@@ -69,11 +69,23 @@ def run(runner: ModelRunner, batch: int, prompt: int, steps: int, churn: bool) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--prompt", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=48)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = argparse.ArgumentParser(
+        prog="python -m loadtest.kv_bench", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("--batch", type=int, default=16, help="rows decoding together (default 16)")
+    ap.add_argument(
+        "--prompt",
+        type=int,
+        default=256,
+        help="prompt tokens of each row, and of each joining row (default 256)",
+    )
+    ap.add_argument("--steps", type=int, default=48, help="decode steps timed per run (default 48)")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=2,
+        help="steady/churn pairs to run, one line each (default 2)",
+    )
     args = ap.parse_args()
     runner = make_runner(args.prompt, args.steps, args.batch)
     print(f"command: python -m loadtest.kv_bench {' '.join(sys.argv[1:])}".rstrip())

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--minutes", type=float, required=True, help="length of the load")
     p.add_argument("--config", default=None, help="family YAML (default: the demo family)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the request mix")
     p.add_argument(
         "--request-timeout",
         type=float,

@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
                                  description=__doc__.split("\n\n")[0])  # fmt: skip
     ap.add_argument("--config", default=str(DEMO), help="family YAML (default: the demo family)")
     ap.add_argument("--questions", type=int, default=24, help="eval-set questions to ask")
-    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument(
+        "--max-tokens", type=int, default=48, help="output tokens per answer (default 48)"
+    )
     ap.add_argument("--block", default="4", help="block length K for the batch-1 runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--json", default=None, help="also write the figures here")

@@ -37,7 +37,7 @@ from server import protocol as P
 from server.body import check_media_type, parse_json, read_body
 from server.errors import ApiError, bad_request
 from server.handlers import Handlers
-from server.knobs import model_ids
+from server.knobs import single_model_ids
 from server.metrics import ServerMetrics
 from server.streaming import ClientGone, engine_error, race_disconnect
 
@@ -284,13 +284,12 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
 
     def model_cards() -> list[P.ModelCard]:
         cfg = family.config
-        ids = model_ids(family)
-        cards = [P.ModelCard(id=ids[0], root=cfg.base, max_model_len=ctx, eft={
+        cards = [P.ModelCard(id=family.name, root=cfg.base, max_model_len=ctx, eft={
             "base": cfg.base, "reference": cfg.reference, "experts": list(cfg.experts),
             "defaults": dict(cfg.defaults), "max_weight": float(getattr(cfg, "max_weight", 4.0)),
             "aliases": {a: t for a, t in P.KNOB_ALIASES.items() if t in cfg.experts},
             "filters": ["base_top_p", "plausibility"]})]
-        for mid, name in zip(ids[1:], family.models, strict=True):
+        for mid, name in single_model_ids(family).items():
             cards.append(P.ModelCard(id=mid, root=name, parent=family.name, max_model_len=ctx))
         return cards
 

@@ -1,9 +1,10 @@
 """Model ids and the `eft` knob object -> the engine's `Composition`.
 
 `/v1/models` lists the family id (the EFT composition) and `<family>/<model>` for every loaded
-model. Knobs are checked here against the family before the engine sees them, so each refusal
-names the exact parameter (`eft.helpful`); the engine's `make_composition` then applies the
-semantics (defaults only when no expert is named, unnamed experts weigh 0).
+model; a family of one model is that model, and lists only its id. Knobs are checked here
+against the family before the engine sees them, so each refusal names the exact parameter
+(`eft.helpful`); the engine's `make_composition` then applies the semantics (defaults only when
+no expert is named, unnamed experts weigh 0).
 """
 
 from __future__ import annotations
@@ -22,8 +23,20 @@ FILTER_BOUNDS = {
 }
 
 
+def single_model_ids(family: Any) -> dict[str, str]:
+    """`<family>/<model>` -> model, the ids that serve one model of the family alone.
+
+    None in a family of one model: its family id already is that model, and a vLLM user expects
+    one id per model (`X`, not `X` and `X/X`).
+    """
+    if len(family.models) == 1:
+        return {}
+    return {f"{family.name}/{m}": m for m in family.models}
+
+
 def model_ids(family: Any) -> list[str]:
-    return [family.name, *(f"{family.name}/{m}" for m in family.models)]
+    """Every id `/v1/models` lists and a request may name: the family's first."""
+    return [family.name, *single_model_ids(family)]
 
 
 def resolve_model(family: Any, model_id: str) -> str | None:
@@ -36,9 +49,9 @@ def resolve_model(family: Any, model_id: str) -> str | None:
         return None
     if len(family.models) == 1 and model_id == family.config.models[family.config.base].path:
         return None
-    prefix = f"{family.name}/"
-    if model_id.startswith(prefix) and model_id[len(prefix) :] in family.models:
-        return model_id[len(prefix) :]
+    single = single_model_ids(family)
+    if model_id in single:
+        return single[model_id]
     raise not_found_model(model_id, model_ids(family))
 
 

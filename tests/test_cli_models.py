@@ -68,6 +68,20 @@ def test_model_alone_serves_the_openai_api(single):
     assert client.completions.create(model=path, prompt="river", max_tokens=2).model
 
 
+def test_model_alone_is_listed_and_named_by_one_id(single):
+    # As vLLM lists one id per model: `solo`, not also the family's per-model id `solo/solo`.
+    client = openai.OpenAI(base_url=f"{single.url}/v1", api_key="none", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["solo"]
+    assert client.models.retrieve("solo").id == "solo"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.models.retrieve("solo/solo")
+    assert err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as err:
+        client.completions.create(model="solo/solo", prompt="river", max_tokens=2)
+    assert err.value.body["param"] == "model"
+    assert "Available models: solo." in err.value.body["message"]
+
+
 def test_max_model_len_is_the_context_limit(single):
     card = httpx.get(f"{single.url}/v1/models", timeout=10).json()["data"][0]
     assert card["max_model_len"] == 64
