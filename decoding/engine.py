@@ -20,6 +20,8 @@ each, their slots freed) and the engine goes on serving the others.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import threading
 import time
@@ -53,6 +55,8 @@ from .speculative import SpecPolicy, SpeculativeDecoder, drafter
 __all__ = ["Engine", "EngineConfig"]
 
 log = logging.getLogger(__name__)
+
+TRIM_AFTER_IDLE_S = 1.0  # quiet time before the freed heap memory is handed back
 
 Events = list[tuple[RequestState, SequenceOutput]]
 
@@ -247,6 +251,8 @@ class Engine:
     # ------------------------------------------------------------------ engine thread
 
     def _run(self) -> None:
+        idle_since: float | None = None
+        trimmed = True  # nothing to give back before the first request
         try:
             while True:
                 self._drain_inbox()
@@ -254,9 +260,16 @@ class Engine:
                     self._abort_all("the engine is shutting down")
                     return
                 if not self.scheduler.has_work():
+                    now = time.monotonic()
+                    if idle_since is None:
+                        idle_since = now
+                    elif not trimmed and now - idle_since >= TRIM_AFTER_IDLE_S:
+                        release_freed_memory()
+                        trimmed = True
                     self._wake.wait(self.config.idle_wait_s)
                     self._wake.clear()
                     continue
+                idle_since, trimmed = None, False
                 try:
                     self.step()
                 except Exception as exc:  # noqa: BLE001 - a bug outside the guarded phases
@@ -680,3 +693,23 @@ class Engine:
 def _put_all(items: list[tuple[asyncio.Queue, SequenceOutput]]) -> None:
     for queue, out in items:
         queue.put_nowait(out)
+
+
+def release_freed_memory() -> None:
+    """Hand memory that freed tensors left in the C heap back to the OS (glibc's
+    `malloc_trim`). Without it a CPU server's resident size stays at its peak after a burst of
+    long sequences although the KV buffers are gone (measured: 2.97 GB after load, 1.94 GB
+    after the trim, on the bench's perf family). The trim walks the heap (~0.1 s there), so
+    the engine calls it once it has been idle for `TRIM_AFTER_IDLE_S`, not between requests.
+    A no-op where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None

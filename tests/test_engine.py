@@ -286,6 +286,29 @@ def test_cancel_frees_the_slot(tiny_family):
     assert all(o[0]["finish"] == "length" for o in outs)
 
 
+def test_freed_memory_is_handed_back_once_the_engine_has_been_idle(tiny_family, monkeypatch):
+    import decoding.engine as engine_module
+
+    trims: list[float] = []
+    monkeypatch.setattr(engine_module, "release_freed_memory", lambda: trims.append(1))
+    monkeypatch.setattr(engine_module, "TRIM_AFTER_IDLE_S", 0.2)
+
+    async def go():
+        engine = await started(tiny_family, idle_wait_s=0.05)
+        try:
+            await asyncio.sleep(0.4)
+            assert not trims, "nothing to hand back before the first request"
+            for i in range(2):  # back to back: no trim between requests
+                await collect(engine, request(tiny_family, f"r{i}", PROMPTS[0], max_tokens=3))
+            assert not trims
+            await asyncio.sleep(0.6)
+            assert len(trims) == 1, "one trim once idle, not one per idle check"
+        finally:
+            await engine.shutdown()
+
+    run(go())
+
+
 def test_stop_string_spanning_token_boundaries_is_cut(tiny_family):
     async def go(stop):
         engine = await started(tiny_family)
