@@ -288,7 +288,9 @@ class Engine:
         events: Events = []
         joined, joined_parts = self._run_prefill(plan.prefill, stats, events)
         rows = plan.decode + joined
-        drafters = self._drafters(plan.decode) if not joined and not plan.prefill else None
+        # A step speculates when every row can (`eligible`) and the policy says so now.
+        eligible = self._drafters(plan.decode) if not joined and not plan.prefill else None
+        drafters = eligible if eligible and self.spec_policy.use(len(plan.decode)) else None
         if drafters is not None:
             self._speculate(plan.decode, drafters, stats, events)
         elif rows:
@@ -315,11 +317,14 @@ class Engine:
                 stats.batch_size = stats.generated_tokens = len(rows)
         self._retire()
         self._deliver(events)
+        if eligible:
+            # Only steps that could have speculated measure the policy's two options, so
+            # both costs are of the same kind of rows.
+            seconds = time.perf_counter() - t_start
+            batch = len(plan.decode)
+            self.spec_policy.observe(batch, drafters is not None, seconds, stats.generated_tokens)
+            stats.spec_speedup = self.spec_policy.speedup(batch)
         self._finish_stats(stats, events, t_start)
-        if not plan.prefill and not joined and plan.decode:
-            self.spec_policy.observe(
-                len(plan.decode), drafters is not None, stats.step_seconds, stats.generated_tokens
-            )
 
     def _fail_rows(self, rows: list[Sequence], exc: Exception) -> Events:
         """Fail the rows of a step that raised; the next step rebuilds the per-row state."""
@@ -330,19 +335,16 @@ class Engine:
     # ---------------------------------------------------------------- speculation
 
     def _drafters(self, rows: list[Sequence]) -> list[str] | None:
-        """Each row's drafting model when this step should be speculative, else None: every
-        row must be able to speculate (an expert to draft with, no penalties, no trace, not a
-        seeded sample, whose stream must not depend on the batch) and the policy must say so."""
-        if not rows:
+        """Each row's drafting model when every row of the step can speculate, else None."""
+        if not rows or self.spec_policy.mode == "off":
             return None
         out = []
         for seq in rows:
-            p = seq.params
             name = drafter(seq, self._experts)
-            if name is None or p.trace or (p.seed is not None and p.temperature > 0):
+            if name is None:
                 return None
             out.append(name)
-        return out if self.spec_policy.use(len(rows)) else None
+        return out
 
     def _speculate(
         self, rows: list[Sequence], drafters: list[str], stats: StepStats, events: Events
@@ -357,16 +359,23 @@ class Engine:
             events += self._fail_rows(rows, exc)
             return
         eos = self.family.eos_token_ids
-        for seq, tokens, lps in zip(rows, result.tokens, result.logprobs):
-            for tok, lp in zip(tokens, lps):
-                events.append((seq.request, seq.append(tok, eos, lp)))
+        for i, (seq, tokens, lps) in enumerate(zip(rows, result.tokens, result.logprobs)):
+            drafted, accepted = result.drafted[i], result.accepted[i]
+            seq.spec_drafted += drafted
+            seq.spec_accepted += accepted
+            for j, (tok, lp) in enumerate(zip(tokens, lps)):
+                out = seq.append(tok, eos, lp)
+                if j == 0:  # the step's counts ride on the row's first event
+                    out.spec_drafted, out.spec_accepted = drafted, accepted
+                events.append((seq.request, out))
                 stats.generated_tokens += 1
                 if seq.finished:
                     break
         self._batch, self._last = rows, result.last
         stats.batch_size = len(rows)
-        stats.spec_draft_tokens = result.drafted
-        stats.spec_accepted_tokens = result.accepted
+        stats.spec_draft_tokens = sum(result.drafted)
+        stats.spec_accepted_tokens = sum(result.accepted)
+        stats.spec_num_drafts = sum(1 for k in result.drafted if k > 0)
 
     # ---------------------------------------------------------------- prefill
 

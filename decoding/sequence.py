@@ -54,6 +54,8 @@ class Sequence:
     slots: dict[str, int]  # model -> its KV slot in that model's runner
     output: list[int] = field(default_factory=list)
     finished: bool = False
+    spec_drafted: int = 0  # tokens drafted for this row (speculative steps)
+    spec_accepted: int = 0  # ... and accepted by the verification
 
     def append(
         self,

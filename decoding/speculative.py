@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .composition import combine, log_probs
-from .request import TokenLogprob
+from .request import SamplingParams, TokenLogprob
 from .runner import ModelRunner
 from .sampler import Sampler
 from .sequence import Sequence
@@ -39,10 +39,21 @@ from .sequence import Sequence
 MAX_BLOCK = 8
 
 
+def may_speculate(p: SamplingParams) -> bool:
+    """Whether a row with these parameters may decode speculatively: not opted out, no
+    penalties (the target would depend on the block's own tokens), no trace, and not a seeded
+    sample (its random stream must not depend on the batch)."""
+    return (
+        p.speculative
+        and not p.has_penalties
+        and not p.trace
+        and not (p.seed is not None and p.temperature > 0)
+    )
+
+
 def drafter(seq: Sequence, experts: tuple[str, ...]) -> str | None:
     """The model that drafts for this row: its heaviest expert, or None (no speculation)."""
-    p = seq.params
-    if not p.speculative or p.has_penalties:
+    if not may_speculate(seq.params):
         return None
     coeffs = seq.request.req.composition.coeffs
     used = [e for e in experts if coeffs.get(e, 0.0) > 0 and e in seq.slots]
@@ -86,11 +97,20 @@ class SpecPolicy:
         old = self.cost.get(key)
         self.cost[key] = per_token if old is None else 0.7 * old + 0.3 * per_token
 
+    def speedup(self, batch: int) -> float | None:
+        """Measured seconds per token without / with speculation at this batch size (auto mode,
+        once both are measured there), else None."""
+        bucket = _bucket(batch)
+        spec, plain = self.cost.get((bucket, True)), self.cost.get((bucket, False))
+        return plain / spec if spec and plain is not None else None
+
     def block_for(self, seq: Sequence) -> int:
         return self.block.get(id(seq), min(4, self.max_block))
 
     def accepted(self, seq: Sequence, k: int, accepted: int) -> None:
         """Grow a row's block after a full acceptance, shrink it to what was accepted."""
+        if k == 0:  # nothing was drafted (the row's last token)
+            return
         if accepted == k:
             self.block[id(seq)] = min(k + 1, self.max_block, MAX_BLOCK)
         else:
@@ -109,8 +129,8 @@ class SpecResult:
     tokens: list[list[int]]  # per row, the tokens to emit (1 .. k+1)
     logprobs: list[list[TokenLogprob | None]]  # per row and token, when asked for
     last: torch.Tensor  # [B] each row's last emitted token: the next step's input
-    drafted: int
-    accepted: int
+    drafted: list[int]  # per row, tokens drafted
+    accepted: list[int]  # per row, drafted tokens the verification accepted
 
 
 class SpeculativeDecoder:
@@ -128,7 +148,11 @@ class SpeculativeDecoder:
     ) -> SpecResult:
         dev = self.device
         b = len(rows)
-        ks = [self.policy.block_for(s) for s in rows]
+        # A block never drafts past max_tokens: the step emits at most k + 1 tokens.
+        ks = [
+            min(self.policy.block_for(s), max(0, s.params.max_tokens - len(s.output) - 1))
+            for s in rows
+        ]
         kmax = max(ks)
         t0_list = last.tolist()
         start = {name: {s: r.lengths[s] for s in r.active} for name, r in self.runners.items()}
@@ -184,7 +208,7 @@ class SpeculativeDecoder:
         lps: list[list[TokenLogprob | None]] = [[] for _ in range(b)]
         open_rows = [True] * b
         want_lp = [s.params.logprobs for s in rows]
-        accepted_total = 0
+        accepted = [0] * b
         for j in range(kmax + 1):
             parts = per_pos[j]
             composed = combine(b, [(i, c, lp) for _, i, c, lp in parts])
@@ -234,7 +258,7 @@ class SpeculativeDecoder:
                 else:
                     lps[i].append(None)
                 if kept[i] and chosen[i] >= 0:
-                    accepted_total += 1
+                    accepted[i] += 1
                 else:
                     open_rows[i] = False
             if not any(open_rows):
@@ -247,7 +271,7 @@ class SpeculativeDecoder:
             for name, slot in seq.slots.items():
                 self.runners[name].lengths[slot] = start[name][slot] + m
         last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
-        return SpecResult(emitted, lps, last_tokens, sum(ks), accepted_total)
+        return SpecResult(emitted, lps, last_tokens, ks, accepted)
 
 
 def _add_time(stats, name: str, t0: float) -> None:
