@@ -48,7 +48,7 @@ from .runner import ModelRunner, UnsupportedModelError
 from .sampler import Part, Sampler, prompt_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import RequestState, Sequence
-from .speculative import SpecPolicy, SpeculativeDecoder, drafter
+from .speculative import SpecPolicy, SpeculativeDecoder, drafter, may_speculate
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -108,6 +108,7 @@ class Engine:
             self.runners, self.sampler, family.vocab_size, family.device, self.spec_policy
         )
         self._experts = tuple(family.config.experts)
+        self._draft = family.config.draft if self.spec_policy.mode != "off" else None
         # Per-row tensors are rebuilt only when the rows they were built for change.
         self._batch: list[Sequence] = []  # rows of `_last`, the next decode's input tokens
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -239,8 +240,26 @@ class Engine:
             raise RequestValidationError(
                 "prompt log-probs need the same prompt for every model", param="echo"
             )
+        draft = self._draft_for(req)
+        if draft is not None:
+            models = [*models, draft]
         cost = max(len(req.prompt_ids[m]) for m in models)
-        return RequestState(req, asyncio.get_running_loop(), asyncio.Queue(), models, cost)
+        return RequestState(
+            req, asyncio.get_running_loop(), asyncio.Queue(), models, cost, draft=draft
+        )
+
+    def _draft_for(self, req: GenerationRequest) -> str | None:
+        """The family's draft model, when this request's rows may draft with it from outside
+        their composition: they then need its prompt prefilled and a slot of their own. Its
+        prompt must fit like every model's; else the rows draft with their heaviest expert."""
+        draft, p, coeffs = self._draft, req.params, req.composition.coeffs
+        if draft is None or draft in coeffs or self.family.config.base not in coeffs:
+            return None
+        if not may_speculate(p) or p.prompt_logprobs is not None or p.max_tokens < 2:
+            return None
+        ids = req.prompt_ids.get(draft)
+        fits = bool(ids) and len(ids) + p.max_tokens <= self.family.context_limit
+        return draft if fits and 0 <= min(ids) and max(ids) < self.vocab_size else None
 
     # ------------------------------------------------------------------ engine thread
 
@@ -340,7 +359,7 @@ class Engine:
             return None
         out = []
         for seq in rows:
-            name = drafter(seq, self._experts)
+            name = drafter(seq, self._experts, self._draft)
             if name is None:
                 return None
             out.append(name)
@@ -479,14 +498,21 @@ class Engine:
                     (p.seed * 1_000_003 + i) % (2**63)
                 )
             detok = IncrementalDetokenizer(self.family.tokenizer, p.stop, p.skip_special_tokens)
-            rows.append(Sequence(state, i, p, detok, gen, slots))
+            seq = Sequence(state, i, p, detok, gen, slots)
+            if state.draft is not None:  # drafts only: kept out of the composition's slots
+                seq.draft_slot = slots.pop(state.draft)
+            rows.append(seq)
         state.slots = {}  # now owned by the rows
         return rows
 
     def _first_token_parts(self, rows: list[Sequence]) -> list[Part]:
         parts: list[Part] = []
         for name in self.runners:
-            idx = [i for i, s in enumerate(rows) if name in s.request.last_logits]
+            idx = [
+                i
+                for i, s in enumerate(rows)
+                if name in s.request.last_logits and name in s.request.req.composition.coeffs
+            ]
             if not idx:
                 continue
             lp = log_probs(
@@ -557,6 +583,9 @@ class Engine:
         for name, slot in seq.slots.items():
             self.runners[name].free(slot)
         seq.slots = {}
+        if seq.draft_slot is not None:
+            self.runners[seq.request.draft].free(seq.draft_slot)
+            seq.draft_slot = None
 
     def _free_request(self, state: RequestState) -> None:
         for name, slot in state.slots.items():

@@ -3,9 +3,11 @@
 One speculative step for rows that each have a pending token `t0` (EFT paper, speculative
 decoding; Leviathan et al. / Chen et al. for the accept rule):
 
-1. **Draft.** Each row's drafter (the heaviest expert of its composition) decodes `k_i` tokens
-   alone: `x_j ~ q_j`, where `q_j` is the drafter's distribution after the row's own bans,
-   temperature, top-k, top-p and min-p.
+1. **Draft.** Each row's drafter (the family's `draft` model if it names one, else the
+   heaviest expert of the row's composition) decodes `k_i` tokens alone: `x_j ~ q_j`, where
+   `q_j` is the drafter's distribution after the row's own bans, temperature, top-k, top-p and
+   min-p. A draft model outside the composition has a slot of its own per row, which nothing
+   else forwards: it catches up on the row's new tokens at the start of each block.
 2. **Verify.** Every model the row uses forwards `[t0, x_1 .. x_k]` in one multi-token pass over
    its KV slots, so at each position `j` the engine has the exact target `p_j`: the composed
    EFT distribution after the same bans, temperature and filters it samples from otherwise.
@@ -18,9 +20,9 @@ decoding; Leviathan et al. / Chen et al. for the accept rule):
    is dropped by shortening the slot (the KV past its length is never read).
 
 Rows with penalties do not speculate (their target would depend on the block's own tokens), nor
-rows that use no expert or opted out. `SpecPolicy` adapts each row's block length to its
-acceptance, and in `auto` mode speculates at a batch size only while it measures fewer seconds
-per generated token there than plain decoding.
+rows that opted out or have nothing to draft with (no expert and no draft model). `SpecPolicy`
+adapts each row's block length to its acceptance, and in `auto` mode speculates at a batch size
+only while it measures fewer seconds per generated token there than plain decoding.
 """
 
 from __future__ import annotations
@@ -51,11 +53,17 @@ def may_speculate(p: SamplingParams) -> bool:
     )
 
 
-def drafter(seq: Sequence, experts: tuple[str, ...]) -> str | None:
-    """The model that drafts for this row: its heaviest expert, or None (no speculation)."""
+def drafter(seq: Sequence, experts: tuple[str, ...], draft: str | None = None) -> str | None:
+    """The model that drafts for this row: the family's `draft` model when the row has a slot
+    in it (its own `draft_slot`, or its composition uses it), else its heaviest expert; None
+    when it does not speculate."""
     if not may_speculate(seq.params):
         return None
     coeffs = seq.request.req.composition.coeffs
+    if draft is not None and (
+        seq.draft_slot is not None or (draft in seq.slots and len(coeffs) >= 2)
+    ):
+        return draft
     used = [e for e in experts if coeffs.get(e, 0.0) > 0 and e in seq.slots]
     if not used or len(coeffs) < 2:
         return None
@@ -157,7 +165,12 @@ class SpeculativeDecoder:
         t0_list = last.tolist()
         start = {name: {s: r.lengths[s] for s in r.active} for name, r in self.runners.items()}
 
-        # 1. Draft: k_i tokens per row from its drafter, q_j kept for the accept rule.
+        # 1. Draft: k_i tokens per row from its drafter, q_j kept for the accept rule. A
+        # drafter outside the row's composition (its `draft_slot`) is not verified, so it first
+        # catches up on what it has not seen: the tokens since its last block (at least t0).
+        own = [d in s.slots for s, d in zip(rows, drafters)]
+        slot = [s.slots[d] if o else s.draft_slot for s, d, o in zip(rows, drafters, own)]
+        seen: list[int] = [0] * b  # per draft-slot row: its history's length after catching up
         q = torch.zeros(kmax, b, self.vocab, device=dev)
         drafts = torch.zeros(b, kmax, dtype=torch.long, device=dev)
         inputs = last.clone()
@@ -168,10 +181,20 @@ class SpeculativeDecoder:
                 if not idx:
                     continue
                 index = torch.tensor(idx, device=dev)
+                runner = self.runners[name]
                 t = time.perf_counter()
-                logits = self.runners[name].decode(
-                    [rows[i].slots[name] for i in idx], inputs.index_select(0, index)
-                )
+                if j == 0 and not all(own[i] for i in idx):
+                    chunks = []
+                    for i in idx:
+                        if own[i]:
+                            chunks.append([t0_list[i]])
+                            continue
+                        history = rows[i].request.req.prompt_ids[name] + rows[i].output
+                        chunks.append(history[runner.lengths[slot[i]] :])  # ends with t0
+                        seen[i] = len(history)
+                    logits = runner.prefill([slot[i] for i in idx], chunks)
+                else:
+                    logits = runner.decode([slot[i] for i in idx], inputs.index_select(0, index))
                 _add_time(stats, name, t)
                 lp.index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
             q[j] = self.sampler.probs(self.sampler.draft_logits(rows, lp, ahead=j))
@@ -264,12 +287,16 @@ class SpeculativeDecoder:
             if not any(open_rows):
                 break
 
-        # 4. Roll back: each slot keeps t0 and the accepted drafts.
+        # 4. Roll back: each slot keeps t0 and the accepted drafts. A draft slot holds its
+        # history, then x_1 .. x_(k-1): it keeps the accepted ones among those.
         for i, seq in enumerate(rows):
             m = len(emitted[i])
             self.policy.accepted(seq, ks[i], m - 1)
-            for name, slot in seq.slots.items():
-                self.runners[name].lengths[slot] = start[name][slot] + m
+            for name, s in seq.slots.items():
+                self.runners[name].lengths[s] = start[name][s] + m
+            if not own[i] and ks[i] > 0:
+                kept = seen[i] + min(accepted[i], ks[i] - 1)
+                self.runners[drafters[i]].lengths[slot[i]] = kept
         last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
         return SpecResult(emitted, lps, last_tokens, ks, accepted)
 

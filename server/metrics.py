@@ -158,6 +158,8 @@ class ServerMetrics:
     def for_family(cls, family: Any) -> ServerMetrics:
         cfg = family.config
         roles = {cfg.base: "base", cfg.reference: "reference", **{e: "expert" for e in cfg.experts}}
+        if cfg.draft is not None:
+            roles.setdefault(cfg.draft, "draft")
         return cls(list(family.models), list(cfg.experts), roles)
 
     def bind_engine(self, num_running: Callable[[], float], num_waiting: Callable[[], float],
