@@ -55,7 +55,8 @@ def run(family, mode: str, knob_sets: list[dict]):
         engine = Engine(family, EngineConfig(speculative=mode), on_step=steps.append)
         engine.start()
 
-        async def one(rid, question, knobs, n):
+        async def one(rid, question, knobs, n, delay):
+            await asyncio.sleep(delay)  # later requests join while others decode
             out: dict[int, tuple[list, list]] = {}
             req = chat_request(family, rid, question, knobs, max_tokens=12, temperature=0,
                                logprobs=0, ignore_eos=True, n=n)  # fmt: skip
@@ -68,7 +69,7 @@ def run(family, mode: str, knob_sets: list[dict]):
 
         try:
             jobs = [
-                one(f"r{k}-{i}", q, knobs, 2 if i == 0 else 1)
+                one(f"r{k}-{i}", q, knobs, 2 if i == 0 else 1, 0.02 * i)
                 for k, knobs in enumerate(knob_sets)
                 for i, q in enumerate(QUESTIONS)
             ]
