@@ -50,7 +50,7 @@ from .runner import ModelRunner, UnsupportedModelError, unique_runners, weight_g
 from .sampler import Part, Sampler, prompt_logprobs
 from .scheduler import PrefillChunk, Scheduler
 from .sequence import RequestState, Sequence
-from .speculative import SpecPolicy, SpeculativeDecoder, drafter
+from .speculative import SpecPolicy, SpeculativeDecoder, drafter, may_speculate
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -114,6 +114,7 @@ class Engine:
             self.runners, self.sampler, family.vocab_size, family.device, self.spec_policy
         )
         self._experts = tuple(family.config.experts)
+        self._draft = family.config.draft if self.spec_policy.mode != "off" else None
         # Per-row tensors are rebuilt only when the rows they were built for change.
         self._batch: list[Sequence] = []  # rows of `_last`, the next decode's input tokens
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)
@@ -245,8 +246,26 @@ class Engine:
             raise RequestValidationError(
                 "prompt log-probs need the same prompt for every model", param="echo"
             )
+        draft = self._draft_for(req)
+        if draft is not None:
+            models = [*models, draft]
         cost = max(len(req.prompt_ids[m]) for m in models)
-        return RequestState(req, asyncio.get_running_loop(), asyncio.Queue(), models, cost)
+        return RequestState(
+            req, asyncio.get_running_loop(), asyncio.Queue(), models, cost, draft=draft
+        )
+
+    def _draft_for(self, req: GenerationRequest) -> str | None:
+        """The family's draft model, when this request's rows may draft with it from outside
+        their composition: they then need its prompt prefilled and a slot of their own. Its
+        prompt must fit like every model's; else the rows draft with their heaviest expert."""
+        draft, p, coeffs = self._draft, req.params, req.composition.coeffs
+        if draft is None or draft in coeffs or self.family.config.base not in coeffs:
+            return None
+        if not may_speculate(p) or p.prompt_logprobs is not None or p.max_tokens < 2:
+            return None
+        ids = req.prompt_ids.get(draft)
+        fits = bool(ids) and len(ids) + p.max_tokens <= self.family.context_limit
+        return draft if fits and 0 <= min(ids) and max(ids) < self.vocab_size else None
 
     # ------------------------------------------------------------------ engine thread
 
@@ -303,7 +322,9 @@ class Engine:
         events: Events = []
         joined, joined_parts = self._run_prefill(plan.prefill, stats, events)
         rows = plan.decode + joined
-        drafters = self._drafters(plan.decode) if not joined and not plan.prefill else None
+        # A step speculates when every row can (`eligible`) and the policy says so now.
+        eligible = self._drafters(plan.decode) if not joined and not plan.prefill else None
+        drafters = eligible if eligible and self.spec_policy.use(len(plan.decode)) else None
         if drafters is not None:
             self._speculate(plan.decode, drafters, stats, events)
         elif rows:
@@ -330,11 +351,14 @@ class Engine:
                 stats.batch_size = stats.generated_tokens = len(rows)
         self._retire()
         self._deliver(events)
+        if eligible:
+            # Only steps that could have speculated measure the policy's two options, so
+            # both costs are of the same kind of rows.
+            seconds = time.perf_counter() - t_start
+            batch = len(plan.decode)
+            self.spec_policy.observe(batch, drafters is not None, seconds, stats.generated_tokens)
+            stats.spec_speedup = self.spec_policy.speedup(batch)
         self._finish_stats(stats, events, t_start)
-        if not plan.prefill and not joined and plan.decode:
-            self.spec_policy.observe(
-                len(plan.decode), drafters is not None, stats.step_seconds, stats.generated_tokens
-            )
 
     def _fail_rows(self, rows: list[Sequence], exc: Exception) -> Events:
         """Fail the rows of a step that raised; the next step rebuilds the per-row state."""
@@ -345,19 +369,16 @@ class Engine:
     # ---------------------------------------------------------------- speculation
 
     def _drafters(self, rows: list[Sequence]) -> list[str] | None:
-        """Each row's drafting model when this step should be speculative, else None: every
-        row must be able to speculate (an expert to draft with, no penalties, no trace, not a
-        seeded sample, whose stream must not depend on the batch) and the policy must say so."""
-        if not rows:
+        """Each row's drafting model when every row of the step can speculate, else None."""
+        if not rows or self.spec_policy.mode == "off":
             return None
         out = []
         for seq in rows:
-            p = seq.params
-            name = drafter(seq, self._experts)
-            if name is None or p.trace or (p.seed is not None and p.temperature > 0):
+            name = drafter(seq, self._experts, self._draft)
+            if name is None:
                 return None
             out.append(name)
-        return out if self.spec_policy.use(len(rows)) else None
+        return out
 
     def _speculate(
         self, rows: list[Sequence], drafters: list[str], stats: StepStats, events: Events
@@ -372,16 +393,23 @@ class Engine:
             events += self._fail_rows(rows, exc)
             return
         eos = self.family.eos_token_ids
-        for seq, tokens, lps in zip(rows, result.tokens, result.logprobs):
-            for tok, lp in zip(tokens, lps):
-                events.append((seq.request, seq.append(tok, eos, lp)))
+        for i, (seq, tokens, lps) in enumerate(zip(rows, result.tokens, result.logprobs)):
+            drafted, accepted = result.drafted[i], result.accepted[i]
+            seq.spec_drafted += drafted
+            seq.spec_accepted += accepted
+            for j, (tok, lp) in enumerate(zip(tokens, lps)):
+                out = seq.append(tok, eos, lp)
+                if j == 0:  # the step's counts ride on the row's first event
+                    out.spec_drafted, out.spec_accepted = drafted, accepted
+                events.append((seq.request, out))
                 stats.generated_tokens += 1
                 if seq.finished:
                     break
         self._batch, self._last = rows, result.last
         stats.batch_size = len(rows)
-        stats.spec_draft_tokens = result.drafted
-        stats.spec_accepted_tokens = result.accepted
+        stats.spec_draft_tokens = sum(result.drafted)
+        stats.spec_accepted_tokens = sum(result.accepted)
+        stats.spec_num_drafts = sum(1 for k in result.drafted if k > 0)
 
     # ---------------------------------------------------------------- prefill
 
@@ -493,14 +521,21 @@ class Engine:
                     (p.seed * 1_000_003 + i) % (2**63)
                 )
             detok = IncrementalDetokenizer(self.family.tokenizer, p.stop, p.skip_special_tokens)
-            rows.append(Sequence(state, i, p, detok, gen, slots))
+            seq = Sequence(state, i, p, detok, gen, slots)
+            if state.draft is not None:  # drafts only: kept out of the composition's slots
+                seq.draft_slot = slots.pop(state.draft)
+            rows.append(seq)
         state.slots = {}  # now owned by the rows
         return rows
 
     def _first_token_parts(self, rows: list[Sequence]) -> list[Part]:
         parts: list[Part] = []
         for name in self.runners:
-            idx = [i for i, s in enumerate(rows) if name in s.request.last_logits]
+            idx = [
+                i
+                for i, s in enumerate(rows)
+                if name in s.request.last_logits and name in s.request.req.composition.coeffs
+            ]
             if not idx:
                 continue
             lp = log_probs(
@@ -578,6 +613,9 @@ class Engine:
         for name, slot in seq.slots.items():
             self.runners[name].free(slot)
         seq.slots = {}
+        if seq.draft_slot is not None:
+            self.runners[seq.request.draft].free(seq.draft_slot)
+            seq.draft_slot = None
 
     def _free_request(self, state: RequestState) -> None:
         for name, slot in state.slots.items():

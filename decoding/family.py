@@ -95,6 +95,9 @@ class FamilyConfig(BaseModel):
     max_model_len: int | None = Field(
         None, ge=1, description="cap on prompt + output tokens; default: the models' limit"
     )
+    draft: str | None = Field(
+        None, description="the entry that drafts for speculative decoding (not the base)"
+    )
 
     @model_validator(mode="after")
     def _roles(self) -> FamilyConfig:
@@ -104,6 +107,11 @@ class FamilyConfig(BaseModel):
                 raise ValueError(f"{field_name}: {value!r} is not one of models {sorted(names)}")
         if self.experts and self.reference is None:
             raise ValueError("experts need a `reference`: the model they were fine-tuned from")
+        if self.draft is not None:
+            if self.draft not in names:
+                raise ValueError(f"draft: {self.draft!r} is not one of models {sorted(names)}")
+            if self.draft == self.base:
+                raise ValueError("draft: the base cannot draft for itself; name a smaller entry")
         if self.base == self.reference:
             raise ValueError(
                 "base and reference must be different entries (list one checkpoint under two "

@@ -140,6 +140,10 @@ class SequenceOutput:
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     trace: list[TokenTrace] | None = None  # per new token, when the request asked for it
     prompt_trace: list[TokenTrace | None] | None = None  # with prompt_logprobs and trace
+    # Speculative decoding, on the first event of a speculative step: tokens this sequence's
+    # drafter proposed in the step, and how many of them the verification accepted.
+    spec_drafted: int = 0
+    spec_accepted: int = 0
 
 
 @dataclass
@@ -164,6 +168,10 @@ class StepStats:
     finished: list[tuple[str, str]] = field(default_factory=list)  # (request_id, finish_reason)
     spec_draft_tokens: int = 0  # speculative decoding: tokens drafted this step
     spec_accepted_tokens: int = 0  # ... and accepted by the verification
+    spec_num_drafts: int = 0  # ... and blocks drafted (rows that speculated; one verify each)
+    # The `auto` policy's measured seconds per token without / with speculation at this step's
+    # batch size, once it has measured both there (None otherwise).
+    spec_speedup: float | None = None
 
     def add_forward(self, model: str, since: float) -> None:
         """Counts the time since `since` (a `time.perf_counter()`) as `model`'s forward time."""

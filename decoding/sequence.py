@@ -23,7 +23,7 @@ class RequestState:
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop  # the caller's loop, where its events are delivered
     queue: asyncio.Queue
-    models: list[str]  # models its composition uses, in family order
+    models: list[str]  # models it prefills: its composition's, in family order, then `draft`
     cost: int  # prompt tokens to prefill (longest per-model prompt)
     done: int = 0  # siblings finished (consumer side)
     slots: dict[str, int] = field(default_factory=dict)  # model -> slot, while prefilling
@@ -32,6 +32,9 @@ class RequestState:
     prompt_lp: list[TokenLogprob | None] | None = None  # echo scoring, sent with the 1st token
     prompt_trace: list[TokenTrace | None] | None = None  # echo scoring with a trace
     reasons: list[str] = field(default_factory=list)  # finish reasons of its siblings so far
+    # The family's draft model, when it is not in the composition but the request may speculate:
+    # prefilled like the others, then each row's `draft_slot` (outside the composition).
+    draft: str | None = None
 
     @property
     def rid(self) -> str:
@@ -54,6 +57,9 @@ class Sequence:
     slots: dict[str, int]  # model -> its KV slot in that model's runner
     output: list[int] = field(default_factory=list)
     finished: bool = False
+    draft_slot: int | None = None  # its slot in the draft model (RequestState.draft), if any
+    spec_drafted: int = 0  # tokens drafted for this row (speculative steps)
+    spec_accepted: int = 0  # ... and accepted by the verification
 
     def append(
         self,

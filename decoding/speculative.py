@@ -3,9 +3,11 @@
 One speculative step for rows that each have a pending token `t0` (EFT paper, speculative
 decoding; Leviathan et al. / Chen et al. for the accept rule):
 
-1. **Draft.** Each row's drafter (the heaviest expert of its composition) decodes `k_i` tokens
-   alone: `x_j ~ q_j`, where `q_j` is the drafter's distribution after the row's own bans,
-   temperature, top-k, top-p and min-p.
+1. **Draft.** Each row's drafter (the family's `draft` model if it names one, else the
+   heaviest expert of the row's composition) decodes `k_i` tokens alone: `x_j ~ q_j`, where
+   `q_j` is the drafter's distribution after the row's own bans, temperature, top-k, top-p and
+   min-p. A draft model outside the composition has a slot of its own per row, which nothing
+   else forwards: it catches up on the row's new tokens at the start of each block.
 2. **Verify.** Every model the row uses forwards `[t0, x_1 .. x_k]` in one multi-token pass over
    its KV slots, so at each position `j` the engine has the exact target `p_j`: the composed
    EFT distribution after the same bans, temperature and filters it samples from otherwise.
@@ -18,9 +20,9 @@ decoding; Leviathan et al. / Chen et al. for the accept rule):
    is dropped by shortening the slot (the KV past its length is never read).
 
 Rows with penalties do not speculate (their target would depend on the block's own tokens), nor
-rows that use no expert or opted out. `SpecPolicy` adapts each row's block length to its
-acceptance, and in `auto` mode speculates at a batch size only while it measures fewer seconds
-per generated token there than plain decoding.
+rows that opted out or have nothing to draft with (no expert and no draft model). `SpecPolicy`
+adapts each row's block length to its acceptance, and in `auto` mode speculates at a batch size
+only while it measures fewer seconds per generated token there than plain decoding.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .composition import combine, log_probs
-from .request import TokenLogprob
+from .request import SamplingParams, TokenLogprob
 from .runner import ModelRunner, unique_runners
 from .sampler import Sampler
 from .sequence import Sequence
@@ -39,12 +41,29 @@ from .sequence import Sequence
 MAX_BLOCK = 8
 
 
-def drafter(seq: Sequence, experts: tuple[str, ...]) -> str | None:
-    """The model that drafts for this row: its heaviest expert, or None (no speculation)."""
-    p = seq.params
-    if not p.speculative or p.has_penalties:
+def may_speculate(p: SamplingParams) -> bool:
+    """Whether a row with these parameters may decode speculatively: not opted out, no
+    penalties (the target would depend on the block's own tokens), no trace, and not a seeded
+    sample (its random stream must not depend on the batch)."""
+    return (
+        p.speculative
+        and not p.has_penalties
+        and not p.trace
+        and not (p.seed is not None and p.temperature > 0)
+    )
+
+
+def drafter(seq: Sequence, experts: tuple[str, ...], draft: str | None = None) -> str | None:
+    """The model that drafts for this row: the family's `draft` model when the row has a slot
+    in it (its own `draft_slot`, or its composition uses it), else its heaviest expert; None
+    when it does not speculate."""
+    if not may_speculate(seq.params):
         return None
     coeffs = seq.request.req.composition.coeffs
+    if draft is not None and (
+        seq.draft_slot is not None or (draft in seq.slots and len(coeffs) >= 2)
+    ):
+        return draft
     used = [e for e in experts if coeffs.get(e, 0.0) > 0 and e in seq.slots]
     if not used or len(coeffs) < 2:
         return None
@@ -86,11 +105,20 @@ class SpecPolicy:
         old = self.cost.get(key)
         self.cost[key] = per_token if old is None else 0.7 * old + 0.3 * per_token
 
+    def speedup(self, batch: int) -> float | None:
+        """Measured seconds per token without / with speculation at this batch size (auto mode,
+        once both are measured there), else None."""
+        bucket = _bucket(batch)
+        spec, plain = self.cost.get((bucket, True)), self.cost.get((bucket, False))
+        return plain / spec if spec and plain is not None else None
+
     def block_for(self, seq: Sequence) -> int:
         return self.block.get(id(seq), min(4, self.max_block))
 
     def accepted(self, seq: Sequence, k: int, accepted: int) -> None:
         """Grow a row's block after a full acceptance, shrink it to what was accepted."""
+        if k == 0:  # nothing was drafted (the row's last token)
+            return
         if accepted == k:
             self.block[id(seq)] = min(k + 1, self.max_block, MAX_BLOCK)
         else:
@@ -109,8 +137,8 @@ class SpecResult:
     tokens: list[list[int]]  # per row, the tokens to emit (1 .. k+1)
     logprobs: list[list[TokenLogprob | None]]  # per row and token, when asked for
     last: torch.Tensor  # [B] each row's last emitted token: the next step's input
-    drafted: int
-    accepted: int
+    drafted: list[int]  # per row, tokens drafted
+    accepted: list[int]  # per row, drafted tokens the verification accepted
 
 
 class SpeculativeDecoder:
@@ -128,32 +156,47 @@ class SpeculativeDecoder:
     ) -> SpecResult:
         dev = self.device
         b = len(rows)
-        ks = [self.policy.block_for(s) for s in rows]
+        # A block never drafts past max_tokens: the step emits at most k + 1 tokens.
+        ks = [
+            min(self.policy.block_for(s), max(0, s.params.max_tokens - len(s.output) - 1))
+            for s in rows
+        ]
         kmax = max(ks)
         t0_list = last.tolist()
         start = {name: {s: r.lengths[s] for s in r.active} for name, r in self.runners.items()}
 
-        # 1. Draft: k_i tokens per row from its drafter, q_j kept for the accept rule.
+        # 1. Draft: k_i tokens per row from its drafter, q_j kept for the accept rule. A
+        # drafter outside the row's composition (its `draft_slot`) is not verified, so it first
+        # catches up on what it has not seen: the tokens since its last block (at least t0).
+        own = [d in s.slots for s, d in zip(rows, drafters)]
+        slot = [s.slots[d] if o else s.draft_slot for s, d, o in zip(rows, drafters, own)]
+        seen: list[int] = [0] * b  # per draft-slot row: its history's length after catching up
         q = torch.zeros(kmax, b, self.vocab, device=dev)
         drafts = torch.zeros(b, kmax, dtype=torch.long, device=dev)
         inputs = last.clone()
         for j in range(kmax):
             lp = torch.zeros(b, self.vocab, device=dev)
-            for runner, names in unique_runners(self.runners):
-                rows_of = {n: [i for i in range(b) if drafters[i] == n and ks[i] > j]
-                           for n in names}  # fmt: skip
-                rows_of = {n: idx for n, idx in rows_of.items() if idx}
-                if not rows_of:
+            for name in set(drafters):
+                idx = [i for i in range(b) if drafters[i] == name and ks[i] > j]
+                if not idx:
                     continue
-                index = {n: torch.tensor(idx, device=dev) for n, idx in rows_of.items()}
+                index = torch.tensor(idx, device=dev)
+                runner = self.runners[name]
                 t = time.perf_counter()
-                out = runner.decode_many({
-                    n: ([rows[i].slots[n] for i in idx], inputs.index_select(0, index[n]))
-                    for n, idx in rows_of.items()
-                })  # fmt: skip
+                if j == 0 and not all(own[i] for i in idx):
+                    chunks = []
+                    for i in idx:
+                        if own[i]:
+                            chunks.append([t0_list[i]])
+                            continue
+                        history = rows[i].request.req.prompt_ids[name] + rows[i].output
+                        chunks.append(history[runner.lengths[slot[i]] :])  # ends with t0
+                        seen[i] = len(history)
+                    logits = runner.prefill([slot[i] for i in idx], chunks)
+                else:
+                    logits = runner.decode([slot[i] for i in idx], inputs.index_select(0, index))
                 stats.add_forward(runner.name, t)
-                for n, logits in out.items():
-                    lp.index_copy_(0, index[n], log_probs(logits.to(dev), self.vocab))
+                lp.index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
             q[j] = self.sampler.probs(self.sampler.draft_logits(rows, lp, ahead=j))
             noise = self.sampler.noise((b, self.vocab), "exponential", [k > j for k in ks])
             drafts[:, j] = (q[j] / noise).argmax(-1)
@@ -194,7 +237,7 @@ class SpeculativeDecoder:
         lps: list[list[TokenLogprob | None]] = [[] for _ in range(b)]
         open_rows = [True] * b
         want_lp = [s.params.logprobs for s in rows]
-        accepted_total = 0
+        accepted = [0] * b
         for j in range(kmax + 1):
             parts = per_pos[j]
             composed = combine(b, [(i, c, lp) for _, i, c, lp in parts])
@@ -244,17 +287,21 @@ class SpeculativeDecoder:
                 else:
                     lps[i].append(None)
                 if kept[i] and chosen[i] >= 0:
-                    accepted_total += 1
+                    accepted[i] += 1
                 else:
                     open_rows[i] = False
             if not any(open_rows):
                 break
 
-        # 4. Roll back: each slot keeps t0 and the accepted drafts.
+        # 4. Roll back: each slot keeps t0 and the accepted drafts. A draft slot holds its
+        # history, then x_1 .. x_(k-1): it keeps the accepted ones among those.
         for i, seq in enumerate(rows):
             m = len(emitted[i])
             self.policy.accepted(seq, ks[i], m - 1)
-            for name, slot in seq.slots.items():
-                self.runners[name].lengths[slot] = start[name][slot] + m
+            for name, s in seq.slots.items():
+                self.runners[name].lengths[s] = start[name][s] + m
+            if not own[i] and ks[i] > 0:
+                kept = seen[i] + min(accepted[i], ks[i] - 1)
+                self.runners[drafters[i]].lengths[slot[i]] = kept
         last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
-        return SpecResult(emitted, lps, last_tokens, sum(ks), accepted_total)
+        return SpecResult(emitted, lps, last_tokens, ks, accepted)

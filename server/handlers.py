@@ -131,6 +131,8 @@ class _Choice:
     stop_reason: str | int | None = None
     error: str | None = None
     started: bool = False
+    spec_drafted: int = 0
+    spec_accepted: int = 0
 
 
 @dataclass
@@ -320,6 +322,8 @@ class Handlers:
             ch.trace += out.trace
         if out.prompt_trace is not None:
             ch.prompt_trace = out.prompt_trace
+        ch.spec_drafted += out.spec_drafted
+        ch.spec_accepted += out.spec_accepted
         timing.tokens(out.index, len(out.token_ids))
         if out.finish_reason is not None:
             ch.finish_reason = out.finish_reason
@@ -341,13 +345,21 @@ class Handlers:
                 raise _generation_failed(ch.error)
         return choices
 
-    def finish(self, run: _Run, gen_tokens: int) -> P.UsageInfo:
-        """The run is over: close its latency metrics, count its tokens, return its usage."""
+    def finish(self, run: _Run, choices: Iterable[_Choice]) -> P.UsageInfo:
+        """The run is over: close its latency metrics, count its tokens, return its usage
+        (summed over every choice of every prompt)."""
+        chs = list(choices)
         for t in run.timings:
             t.done()
+        gen_tokens = sum(len(ch.token_ids) for ch in chs)
         self.metrics.request_generation_tokens.observe(gen_tokens)
+        drafted = sum(ch.spec_drafted for ch in chs)
+        spec = None
+        if drafted:
+            spec = P.SpeculativeUsage(drafted_tokens=drafted,
+                                      accepted_tokens=sum(ch.spec_accepted for ch in chs))
         return P.UsageInfo(prompt_tokens=run.prompt_tokens, completion_tokens=gen_tokens,
-                           total_tokens=run.prompt_tokens + gen_tokens)
+                           total_tokens=run.prompt_tokens + gen_tokens, eft_speculative=spec)
 
     async def stream(self, run: _Run, chunk_cls: type[StreamResponse], include_usage: bool,
                      to_choice: ChoiceFn, first: Iterable[BaseModel] = ()) -> AsyncIterator[str]:
@@ -357,7 +369,6 @@ class Handlers:
         `[DONE]`; a client that leaves before the end counts as `aborted`."""
         created = int(time.time())
         states: dict[int, _Choice] = {}
-        gen_tokens = 0
 
         def chunk(choices: list[Any], **extra: Any) -> StreamResponse:
             return chunk_cls(id=run.rid, created=created, model=run.model, choices=choices,
@@ -371,7 +382,6 @@ class Handlers:
                 idx = pi * run.n + out.index
                 ch = states.setdefault(idx, _Choice())
                 self.account(ch, run.timings[pi], out)
-                gen_tokens += len(out.token_ids)
                 if out.finish_reason == "error":
                     self.metrics.failure("error")
                     yield _sse(_generation_failed(out.error).body())
@@ -380,7 +390,7 @@ class Handlers:
                 if choice is not None:
                     yield _stream_chunk(chunk([choice]), include_usage)
             else:
-                usage = self.finish(run, gen_tokens)
+                usage = self.finish(run, states.values())
                 if include_usage:
                     yield _sse(chunk([], usage=usage))
             ended = True
@@ -453,7 +463,7 @@ class Handlers:
                 choice.trace = run.trace.entries(ch.trace)
                 choice.prompt_trace = run.trace.entries(ch.prompt_trace or first.prompt_trace)
             out_choices.append(choice)
-        usage = self.finish(run, sum(len(ch.token_ids) for ch in choices.values()))
+        usage = self.finish(run, choices.values())
         resp = P.CompletionResponse(id=run.rid, model=req.model, choices=out_choices, usage=usage,
                                     eft=run.knobs)
         data = resp.model_dump(mode="json")
@@ -519,7 +529,7 @@ class Handlers:
             out_choices.append(P.ChatChoice(index=idx, message=msg, logprobs=lp,
                                             finish_reason=ch.finish_reason,
                                             stop_reason=ch.stop_reason, trace=trace))
-        usage = self.finish(run, sum(len(ch.token_ids) for ch in choices.values()))
+        usage = self.finish(run, choices.values())
         resp = P.ChatCompletionResponse(id=run.rid, model=req.model, choices=out_choices,
                                         usage=usage, eft=run.knobs)
         data = resp.model_dump(mode="json")

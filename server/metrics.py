@@ -125,6 +125,16 @@ class ServerMetrics:
                                   "Tokens drafted by the expert mixture.", registry=r)
         self.spec_accepted = Counter("eft_spec_decode_accepted_tokens",
                                      "Drafted tokens the base accepted.", registry=r)
+        self.spec_drafts = Counter(
+            "eft_spec_decode_num_drafts",
+            "Blocks drafted (one per speculating row and step; each verified in one forward).",
+            registry=r)
+        self.spec_speedup = Gauge(
+            "eft_spec_decode_measured_speedup",
+            "The auto policy's latest measured seconds per token without / with speculation, "
+            "at the batch size of the last step that could speculate (NaN until measured).",
+            registry=r)
+        self.spec_speedup.set(float("nan"))
         self.knob_requests = Counter(
             "eft_knob_requests", "Requests that applied an expert with weight > 0.", ["expert"],
             registry=r)
@@ -148,6 +158,8 @@ class ServerMetrics:
     def for_family(cls, family: Any) -> ServerMetrics:
         cfg = family.config
         roles = {cfg.base: "base", cfg.reference: "reference", **{e: "expert" for e in cfg.experts}}
+        if cfg.draft is not None:
+            roles.setdefault(cfg.draft, "draft")
         return cls(list(family.models), list(cfg.experts), roles)
 
     def bind_engine(self, num_running: Callable[[], float], num_waiting: Callable[[], float],
@@ -180,10 +192,11 @@ class ServerMetrics:
         for model, n in s.kv_cache_bytes.items():
             if model in self.model_names:
                 self.kv_bytes.labels(model=model).set(n)
-        # Speculative counters: StepStats may grow these fields; read them if present.
-        draft = getattr(s, "draft_tokens", 0) or getattr(s, "spec_draft_tokens", 0)
-        accepted = getattr(s, "accepted_tokens", 0) or getattr(s, "spec_accepted_tokens", 0)
-        _record_nonzero((self.spec_draft.inc, draft), (self.spec_accepted.inc, accepted))
+        _record_nonzero((self.spec_draft.inc, s.spec_draft_tokens),
+                        (self.spec_accepted.inc, s.spec_accepted_tokens),
+                        (self.spec_drafts.inc, s.spec_num_drafts))
+        if s.spec_speedup is not None:
+            self.spec_speedup.set(s.spec_speedup)
 
     # ------------------------------------------------------------ HTTP feed (event loop)
     def failure(self, reason: str) -> None:

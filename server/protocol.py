@@ -245,10 +245,19 @@ class ErrorResponse(BaseModel):
     error: ErrorInfo
 
 
+class SpeculativeUsage(BaseModel):
+    """`usage.eft_speculative`: what speculative decoding did for this request (all choices)."""
+
+    drafted_tokens: int  # tokens the drafting model proposed
+    accepted_tokens: int  # ... that the verification accepted
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    # Extension, present only when the request speculated (OpenAI clients keep extra fields).
+    eft_speculative: SpeculativeUsage | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class CompletionLogprobs(BaseModel):

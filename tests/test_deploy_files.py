@@ -151,7 +151,10 @@ def test_dashboard_structure():
 def test_dashboard_averages_gauges():
     """Summing a gauge over replicas turns "4 waiting on each" into "12 waiting" (a classic
     vLLM dashboard complaint): gauges are averaged or maxed, never summed or counted."""
-    gauges = r"(eft_num_requests_running|eft_num_requests_waiting|eft_kv_cache_\w+)"
+    gauges = (
+        r"(eft_num_requests_running|eft_num_requests_waiting|eft_kv_cache_\w+"
+        r"|eft_spec_decode_measured_speedup)"
+    )
     summed = re.compile(r"\b(sum|count)\s*(by\s*\([^)]*\)\s*)?\(\s*" + gauges + r"\b")
     for title, expr in dashboard_exprs():
         assert not summed.search(expr), f"{title!r} sums a gauge: {expr}"
@@ -196,6 +199,7 @@ def test_dashboard_shows_every_contract_metric():
         "eft_model_forward_seconds_bucket", "eft_spec_decode_draft_tokens_total",
         "eft_spec_decode_accepted_tokens_total", "eft_knob_requests_total",
         "eft_combine_seconds_sum", "eft_kv_cache_tokens", "eft_kv_cache_bytes",
+        "eft_spec_decode_num_drafts_total", "eft_spec_decode_measured_speedup",
     }
     missing = contract - metric_names_in(DASHBOARD.read_text())
     assert not missing, f"no panel shows {sorted(missing)}"

@@ -28,8 +28,12 @@ def request(family, rid, text, knobs, **params):
 async def collect(engine, req):
     out: dict[int, dict] = {}
     async for ev in engine.submit(req):
-        s = out.setdefault(ev.index, {"tokens": [], "lps": [], "text": "", "finish": None})
+        s = out.setdefault(
+            ev.index, {"tokens": [], "lps": [], "text": "", "finish": None, "blocks": []}
+        )
         s["tokens"] += ev.token_ids
+        if ev.spec_drafted:
+            s["blocks"].append((ev.spec_drafted, ev.spec_accepted))
         s["lps"] += [lp.logprob for lp in ev.logprobs or []]
         s["text"] += ev.text
         s["finish"] = ev.finish_reason or s["finish"]
@@ -115,11 +119,14 @@ def test_rejections_and_full_blocks_both_happen(tiny_family):
             for i, p in enumerate(PROMPTS)
         ])  # fmt: skip
 
-    _, steps = serve(tiny_family, "4", jobs)
-    spec = [s for s in steps if s.spec_draft_tokens]
-    assert spec
-    assert any(s.spec_accepted_tokens < s.spec_draft_tokens for s in spec)  # rejections
-    assert any(s.spec_accepted_tokens == s.spec_draft_tokens for s in spec)  # bonus tokens
+    outs, steps = serve(tiny_family, "4", jobs)
+    blocks = [blk for out in outs for blk in out[0]["blocks"]]  # (drafted, accepted) per row
+    assert any(a < d for d, a in blocks)  # rejections
+    assert any(a == d for d, a in blocks)  # full blocks, then a bonus token
+    # The per-row counts the events carry add up to the step counters the metrics read.
+    assert sum(d for d, _ in blocks) == sum(s.spec_draft_tokens for s in steps)
+    assert sum(a for _, a in blocks) == sum(s.spec_accepted_tokens for s in steps)
+    assert len(blocks) == sum(s.spec_num_drafts for s in steps)
 
 
 @torch.inference_mode()
@@ -156,11 +163,13 @@ def test_sampled_output_is_distributed_as_without_speculation(tiny_family):
 
     async def jobs(engine):
         outs = await asyncio.gather(*[
-            collect(engine, request(tiny_family, f"r{i}", PROMPTS[3], knobs, max_tokens=2,
+            collect(engine, request(tiny_family, f"r{i}", PROMPTS[3], knobs, max_tokens=3,
                                     temperature=0.5, ignore_eos=True, n=16))
             for i in range(64)
         ])  # fmt: skip
-        return [tuple(s["tokens"]) for o in outs for s in o.values()]
+        # The first token comes from the prompt's step; the second from a speculative block
+        # (a block drafts at most max_tokens - 2 = 1 token here).
+        return [tuple(s["tokens"][:2]) for o in outs for s in o.values()]
 
     samples, steps = serve(tiny_family, "2", jobs, seed=11)
     assert sum(s.spec_draft_tokens for s in steps) > 0
