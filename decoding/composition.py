@@ -241,7 +241,12 @@ class BatchFilters:
             base = base_full[rows]
             mix = base
             if self.mix:
-                mixed = sum(w.unsqueeze(-1) * expert_full[e][rows] for e, w in self.mix.items())
+                # A zero weight contributes nothing, also where a ban made the log-prob -inf
+                # (0 x -inf would be NaN and switch the row's filter off).
+                mixed = sum(
+                    torch.where(w.unsqueeze(-1) > 0, w.unsqueeze(-1) * expert_full[e][rows], 0.0)
+                    for e, w in self.mix.items()
+                )
                 # Rows whose experts all weigh 0 fall back to the base alone.
                 empty = sum(self.mix.values()) == 0
                 mix = torch.where(empty.unsqueeze(-1), base, torch.log_softmax(mixed, dim=-1))

@@ -95,3 +95,27 @@ def test_plausibility_drops_tokens_implausible_under_both():
     assert plausibility_mask(base, mix, torch.tensor([0.3])).tolist() == [
         [False, False, False, True]
     ]
+
+
+def test_a_zero_weight_expert_with_a_ban_leaves_the_plausibility_filter_on(tiny_family):
+    # Row 0 uses only `harmless`; row 1 uses `helpful`, so `helpful` is in the batch's mixture
+    # with weight 0 for row 0. A ban (min_tokens) puts -inf in the expert distributions: 0 x
+    # -inf must not turn row 0's mixture into NaN (which switched its filter off).
+    from decoding.composition import BatchFilters
+
+    knobs = [{"harmless": 1.0, "plausibility": 0.3}, {"helpful": 1.0, "plausibility": 0.3}]
+    comps = [make_composition(tiny_family, None, k) for k in knobs]
+    filters = BatchFilters.build(comps, torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    lps = {m: torch.log_softmax(3 * torch.randn(2, 8, generator=gen), -1)
+           for m in ("large-base", "helpful", "harmless")}  # fmt: skip
+    rows = torch.arange(2)
+    parts = [(m, rows, torch.ones(2), lp) for m, lp in lps.items()]
+    banned = torch.zeros(2, 8, dtype=torch.bool)
+    banned[:, 0] = True
+    mask = filters.mask(2, 8, parts, banned)
+    # Row 0 alone: the base and harmless, with the ban taken out first.
+    base, mix = (torch.log_softmax(lps[m][0].masked_fill(banned[0], -math.inf), -1)
+                 for m in ("large-base", "harmless"))  # fmt: skip
+    expected = plausibility_mask(base[None], mix[None], torch.tensor([0.3]))[0]
+    assert mask[0].tolist() == expected.tolist() and expected.any()

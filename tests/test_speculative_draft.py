@@ -92,10 +92,12 @@ def test_greedy_output_is_identical_when_a_draft_model_drafts(draft_family):
     # Speculation happened, with the draft model doing the drafting (the base-only rows too:
     # they have no expert, so only a draft model can draft for them).
     drafted = [s for s in spec_steps if s.spec_draft_tokens]
-    assert drafted and all("drafter" in s.forward_seconds for s in drafted)
+    # (The drafter shares small-base's weights, so it runs in small-base's forwards; its own
+    # KV slots show that it holds the rows' tokens.)
+    assert drafted and all(s.kv_cache_tokens["drafter"] > 0 for s in drafted)
     assert sum(s.spec_accepted_tokens for s in drafted) < sum(s.spec_draft_tokens for s in drafted)
     # With speculation off the draft model is never prefilled nor run.
-    assert not any("drafter" in s.forward_seconds for s in plain_steps)
+    assert not any(s.kv_cache_tokens.get("drafter") for s in plain_steps)
     for a, b in zip(plain, spec):
         assert set(a) == set(b)
         for index in a:
