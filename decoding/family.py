@@ -199,8 +199,9 @@ class LoadedModel:
     max_positions: int
     chat_template: str
     shares_weights_with: str | None = None  # the entry whose loaded module this one uses
-    # An adapter entry's name inside `module`, which holds every adapter over the same weights:
-    # calling `module` directly runs PEFT's active adapter; the runner picks each row's own.
+    # A plain LoRA adapter's name inside `module`, which holds every such adapter over the same
+    # weights: calling `module` directly runs PEFT's active adapter; the runner picks each row's
+    # own. None for a model, and for an adapter in a module of its own (DoRA, ...).
     adapter: str | None = None
 
 
@@ -337,12 +338,22 @@ def _load_entry(
 def _load_adapter_entry(
     name: str, spec: ModelSpec, of: LoadedModel, trees: dict[int, Any]
 ) -> LoadedModel:
+    """The adapter in a module tree of its own first; a plain LoRA adapter then joins (or
+    becomes) the tree its model's other plain adapters share, so that they run as one
+    forward."""
     key = id(of.module)
-    trees[key] = tree = loading.load_adapter(name, spec.adapter, of.module, trees.get(key))
+    tree = loading.load_adapter(name, spec.adapter, of.module)
+    batched = loading.is_plain_lora(name, tree)
+    if batched:
+        if key in trees:
+            trees[key].load_adapter(spec.adapter, adapter_name=name, is_trainable=False)
+            tree = trees[key]
+        else:
+            trees[key] = tree
     tokenizer = loading.adapter_tokenizer(name, spec.adapter, of.tokenizer)
     loaded = _loaded(name, tree.get_base_model(), tokenizer, of.dtype, spec.chat_template)
     loaded.shares_weights_with = of.shares_weights_with or of.name
-    loaded.adapter = name
+    loaded.adapter = name if batched else None
     return loaded
 
 

@@ -144,12 +144,11 @@ def load_module(entry: str, ckpt: Checkpoint) -> torch.nn.Module:
 
 
 def load_adapter(entry: str, adapter: str, of: torch.nn.Module, tree: Any = None) -> Any:
-    """A PEFT model holding the LoRA adapter in `adapter` (named `entry`) over `of`'s weights.
-
-    The first adapter over `of` gets a copy of `of`'s module tree whose parameters and buffers
-    are `of`'s own objects (deepcopy's memo returns them as they are), since PEFT injects its
-    LoRA layers into the model it is given and `of` itself must stay a plain model. Later
-    adapters over the same weights are loaded into that `tree` beside the first.
+    """A PEFT model holding the LoRA adapter in `adapter` (named `entry`) over `of`'s weights:
+    loaded into `tree` beside the adapters already there, or, without one, into a copy of
+    `of`'s module tree whose parameters and buffers are `of`'s own objects (deepcopy's memo
+    returns them as they are), since PEFT injects its LoRA layers into the model it is given
+    and `of` itself must stay a plain model.
     """
     if not Path(adapter).expanduser().exists() and _looks_local(adapter):
         raise FamilyError(f"model {entry!r}: no such adapter directory: {adapter}")
@@ -172,9 +171,27 @@ def load_adapter(entry: str, adapter: str, of: torch.nn.Module, tree: Any = None
             raise ValueError(f"a {tree.peft_config[entry].peft_type.value} adapter, not LoRA")
     except Exception as exc:  # noqa: BLE001 - any failure becomes one line naming the entry
         raise load_failure(entry, f"the adapter {adapter!r}", exc) from exc
-    check_plain_lora(entry, tree)
     _frozen(tree.get_base_model())
     return tree
+
+
+def is_plain_lora(entry: str, tree: Any) -> bool:
+    """Whether `AdapterSwitch` computes the adapter `entry` of `tree` exactly: LoRA on linear
+    layers only, no DoRA-style variant, no fully trained modules (`modules_to_save`) or token
+    rows of its own. Other adapters run alone, through PEFT's own forward."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    config = tree.peft_config[entry]
+    if getattr(config, "modules_to_save", None) or getattr(config, "trainable_token_indices", None):
+        return False
+    for m in tree.modules():
+        if not isinstance(m, LoraLayer):
+            continue
+        if entry in getattr(m, "lora_embedding_A", {}):
+            return False
+        if entry in m.lora_A and (not isinstance(m, Linear) or entry in m.lora_variant):
+            return False
+    return True
 
 
 class AdapterSwitch:
@@ -240,22 +257,6 @@ class AdapterSwitch:
                 delta = b(a(x.index_select(0, rows).to(a.weight.dtype))) * scale
                 output.index_add_(0, rows, delta.to(output.dtype))
         return output
-
-
-def check_plain_lora(entry: str, tree: Any) -> None:
-    """What `AdapterSwitch` computes: LoRA on linear layers, without DoRA-style variants."""
-    from peft.tuners.lora import Linear, LoraLayer
-
-    for name, m in tree.named_modules():
-        if not isinstance(m, LoraLayer):
-            continue
-        if entry in getattr(m, "lora_embedding_A", {}) or (
-            entry in m.lora_A and (not isinstance(m, Linear) or entry in m.lora_variant)
-        ):
-            raise FamilyError(
-                f"model {entry!r}: the adapter's layer {name} is not plain LoRA on a linear "
-                "layer (DoRA, embedding or convolution adapters: merge it into a checkpoint)"
-            )
 
 
 def adapter_tokenizer(

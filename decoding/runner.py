@@ -452,7 +452,9 @@ def weight_groups(family: Family) -> list[list[str]]:
     groups: dict[int, list[str]] = {}
     for name, m in family.models.items():
         owner = family.models[m.shares_weights_with or name]
-        groups.setdefault(id(owner.module), []).append(name)
+        # An adapter outside the shared tree (DoRA, ...) runs its own module alone.
+        runs_owner = m.adapter is not None or m.module is owner.module
+        groups.setdefault(id(owner.module if runs_owner else m.module), []).append(name)
     return list(groups.values())
 
 

@@ -1,5 +1,5 @@
 """LoRA adapters over one model run with that model as one forward per step, and compute what
-separate merged models compute."""
+separate merged models compute; an adapter that is not plain LoRA (DoRA) runs alone."""
 
 from __future__ import annotations
 
@@ -16,17 +16,19 @@ from decoding.engine import Engine, EngineConfig
 from decoding.family import load_family
 from decoding.request import GenerationRequest, SamplingParams
 
-KNOBS = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, {"b": 1.5}, {"a": 0.0, "b": 0.0}]
-PROMPTS = ["the river city", "a king of salt and copper was founded", "north", "the grain"]
+KNOBS = [{"a": 1.0}, {"a": 0.6, "b": 0.4}, {"b": 1.5}, {"d": 1.0}, {"a": 0.0, "b": 0.0}]
+PROMPTS = ["the river city", "a king of salt and copper was founded", "north", "the grain",
+           "south"]  # fmt: skip
 
 
-def lora(small_dir: Path, out: Path, seed: int, targets: list[str]) -> Path:
+def lora(small_dir: Path, out: Path, seed: int, targets: list[str], dora: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(small_dir)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False,
+                        use_dora=dora)  # fmt: skip
     get_peft_model(model, config).save_pretrained(out)
     return out
 
@@ -51,12 +53,13 @@ def families(tiny_family_path, tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("adapters")
     a = lora(small, tmp / "a", 1, ["q_proj", "v_proj"])
     b = lora(small, tmp / "b", 2, ["q_proj", "k_proj", "o_proj", "down_proj"])
+    d = lora(small, tmp / "d", 3, ["q_proj", "v_proj"], dora=True)
     common = {"large-base": {"path": str(root / "large-base")}, "small-base": {"path": str(small)}}
-    config = {"base": "large-base", "reference": "small-base", "experts": ["a", "b"]}
-    adapted = {**common, "a": {"adapter": str(a), "of": "small-base"},
-               "b": {"adapter": str(b), "of": "small-base"}}  # fmt: skip
-    full = {**common, "a": {"path": str(merged(small, a, tmp / "a-merged"))},
-            "b": {"path": str(merged(small, b, tmp / "b-merged"))}}  # fmt: skip
+    config = {"base": "large-base", "reference": "small-base", "experts": ["a", "b", "d"]}
+    adapted = {**common, **{n: {"adapter": str(p), "of": "small-base"}
+                            for n, p in (("a", a), ("b", b), ("d", d))}}  # fmt: skip
+    full = {**common, **{n: {"path": str(merged(small, p, tmp / f"{n}-merged"))}
+                         for n, p in (("a", a), ("b", b), ("d", d))}}  # fmt: skip
     paths = []
     for name, models in (("adapted", adapted), ("merged", full)):
         path = tmp / f"{name}.yaml"
@@ -111,6 +114,7 @@ def test_a_model_and_its_adapters_share_one_runner_and_one_forward_per_step(
     runners = engine.runners
     assert runners["small-base"] is runners["a"] is runners["b"]
     assert runners["large-base"] is not runners["a"]
+    assert runners["d"] is not runners["a"], "a DoRA adapter runs alone, through PEFT's forward"
     # Every step runs the large base once; the reference and both adapters together once.
     assert calls["small-base"] == calls["large-base"] > 0
 
@@ -121,7 +125,7 @@ def test_batched_adapters_compute_what_separate_merged_models_compute(
 ):
     adapted, _, _ = run(load_family(families[0]), speculative)
     full, calls, _ = run(load_family(families[1]), "off")
-    assert len(calls) == 4  # the merged family runs four forwards per step
+    assert len(calls) == 5  # the merged family runs five forwards per step
     for (tok_a, lp_a), (tok_m, lp_m) in zip(adapted, full):
         assert tok_a == tok_m
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_m), atol=1e-4, rtol=0)
