@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from .errors import FamilyError
@@ -214,6 +215,7 @@ class AdapterSwitch:
         self.layers = [m for m in module.modules() if isinstance(m, LoraLayer)]
         self.plan: list[tuple[str, slice | torch.Tensor]] | None = None
         self._on: dict[torch.device, list] = {}
+        self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
         for layer in self.layers:
             layer.register_forward_hook(self._add_deltas)
 
@@ -247,16 +249,30 @@ class AdapterSwitch:
                 (a, r if isinstance(r, slice) else r.to(x.device)) for a, r in self.plan
             ]
         for adapter, rows in plan:
-            if adapter not in layer.lora_A:
+            weights = self._weights(layer, adapter)
+            if weights is None:
                 continue
-            a, b = layer.lora_A[adapter], layer.lora_B[adapter]
-            scale = layer.scaling[adapter]
+            a, b = weights
             if isinstance(rows, slice):
-                output[rows] += (b(a(x[rows].to(a.weight.dtype))) * scale).to(output.dtype)
+                out = output[rows]  # a view: the delta lands in `output`
+                out.add_(F.linear(F.linear(x[rows].to(a.dtype), a), b).to(out.dtype))
             else:
-                delta = b(a(x.index_select(0, rows).to(a.weight.dtype))) * scale
+                delta = F.linear(F.linear(x.index_select(0, rows).to(a.dtype), a), b)
                 output.index_add_(0, rows, delta.to(output.dtype))
         return output
+
+    def _weights(self, layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A, B x scaling) of `adapter` in `layer`, or None where it does not adapt the layer;
+        B is scaled once here rather than the delta on every call."""
+        key = (id(layer), adapter)
+        if key not in self._cache:
+            if adapter in layer.lora_A:
+                a = layer.lora_A[adapter].weight
+                b = layer.lora_B[adapter].weight * layer.scaling[adapter]
+                self._cache[key] = (a, b)
+            else:
+                self._cache[key] = None
+        return self._cache[key]
 
 
 def adapter_tokenizer(
