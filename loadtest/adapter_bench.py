@@ -9,7 +9,9 @@ family's base and reference: one whose experts are adapter entries (the referenc
 adapters run as one forward per step) and one whose experts are the merged checkpoints (one
 forward each). An in-process `Engine` runs 16 rows (and 1) that use every expert; the median
 decode-step times of the two families, measured in alternating rounds so load drift hits both,
-give `adapter_step_ratio` = merged step time / adapter step time (above 1: adapters faster).
+give `adapter_step_ratio` = merged step time / adapter step time (above 1: adapters faster),
+and the same ratio for the forward time of the reference and experts alone (the part adapters
+change; the base's forward, equal in both, dominates the step of a family with a large base).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 import yaml
 
 from decoding.family import FamilyConfig, load_family
+from decoding.request import StepStats
 from loadtest.engine_bench import decode_step_seconds
 
 DEMO = Path(__file__).resolve().parent.parent / "demo" / "family" / "family.yaml"
@@ -72,28 +75,44 @@ def write_families(config_path: Path, out: Path, adapters: int, rank: int) -> tu
 def compare(
     config_path: Path, adapters: int = 2, rank: int = 16, max_tokens: int = 24, rounds: int = 3
 ) -> dict:
-    """Median decode-step seconds of both families at batch 1 and 16, and their ratios."""
+    """Median decode-step seconds of both families at batch 1 and 16, and the median forward
+    seconds of the reference and the experts alone (what adapters change; the base's forward
+    is the same in both and, on a shared machine, noisier than the difference)."""
     with tempfile.TemporaryDirectory(prefix="eft-adapter-bench-") as tmp:
         paths = write_families(Path(config_path), Path(tmp), adapters, rank)
         families = [load_family(p, device="cpu", dtype="float32") for p in paths]
         knobs = {f"e{i}": 1.0 / adapters for i in range(adapters)}
         prompts = [families[0].tokenizer.encode(f"request {i}: the river city") for i in range(16)]
-        times: list[dict[int, list[float]]] = [{1: [], 16: []}, {1: [], 16: []}]
+        steps: list[dict[int, list[float]]] = [{1: [], 16: []}, {1: [], 16: []}]
+        small: list[dict[int, list[float]]] = [{1: [], 16: []}, {1: [], 16: []}]
         for _ in range(rounds):  # alternate, so a burst of load hits both alike
-            for fam, out in zip(families, times):
-                steps = decode_step_seconds(fam, knobs, prompts, max_tokens, rounds=1)
-                for b, sec in steps.items():
-                    out[b].append(sec)
+            for fam, st, sm in zip(families, steps, small):
+
+                def observe(s: StepStats, sm: dict = sm) -> None:
+                    if s.batch_size in sm and not s.prompt_tokens:
+                        sm[s.batch_size].append(
+                            sum(v for m, v in s.forward_seconds.items() if m != "base")
+                        )
+
+                for b, sec in decode_step_seconds(
+                    fam, knobs, prompts, max_tokens, rounds=1, also=observe
+                ).items():
+                    st[b].append(sec)
         del families
         gc.collect()
-    med = [{b: statistics.median(v) for b, v in t.items()} for t in times]
+    step = [{b: statistics.median(v) for b, v in t.items()} for t in steps]
+    fwd = [{b: statistics.median(v) for b, v in t.items()} for t in small]
     return {
         "adapters": adapters,
         "rank": rank,
-        "step_seconds_adapters": med[0],
-        "step_seconds_merged": med[1],
-        "ratio_b1": med[1][1] / med[0][1],
-        "ratio_b16": med[1][16] / med[0][16],
+        "step_seconds_adapters": step[0],
+        "step_seconds_merged": step[1],
+        "small_forward_seconds_adapters": fwd[0],
+        "small_forward_seconds_merged": fwd[1],
+        "ratio_b1": step[1][1] / step[0][1],
+        "ratio_b16": step[1][16] / step[0][16],
+        "forward_ratio_b1": fwd[1][1] / fwd[0][1],
+        "forward_ratio_b16": fwd[1][16] / fwd[0][16],
     }
 
 
@@ -119,8 +138,11 @@ def main(argv: list[str] | None = None) -> int:
           f"reference; torch threads {torch.get_num_threads()}")  # fmt: skip
     for b in (1, 16):
         a, m = res["step_seconds_adapters"][b], res["step_seconds_merged"][b]
-        print(f"  batch {b:>2}: adapters {1e3 * a:7.2f} ms/step   merged models {1e3 * m:7.2f} "
-              f"ms/step   ratio {m / a:5.2f}x")  # fmt: skip
+        print(f"  batch {b:>2} step:  adapters {1e3 * a:7.2f} ms   merged models {1e3 * m:7.2f} "
+              f"ms   ratio {m / a:5.2f}x")  # fmt: skip
+        a, m = res["small_forward_seconds_adapters"][b], res["small_forward_seconds_merged"][b]
+        print(f"  batch {b:>2} reference + experts forwards: adapters {1e3 * a:7.2f} ms   merged "
+              f"models {1e3 * m:7.2f} ms   ratio {m / a:5.2f}x")  # fmt: skip
     return 0
 
 

@@ -14,7 +14,8 @@ One run measures, on the same models and machine:
   16 in flight;
 - adapter_step_ratio_b1/_b16: the engine's decode-step time with two LoRA experts served as
   separate merged models / as adapters of the reference (one forward for the reference and its
-  adapters), at batch 1 and 16 (`loadtest.adapter_bench`);
+  adapters), at batch 1 and 16, and adapter_forward_ratio_b1/_b16 the same for the forward
+  time of the reference and experts alone (`loadtest.adapter_bench`);
 - spec_speedup_b1, spec_acceptance, spec_speedup_c16: speculative EFT vs off
   (`loadtest.spec_bench`);
 - memory: peak server RSS per phase, per-model KV bytes at the peak, KV bytes once idle, and
@@ -466,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     res["adapters"] = adapters
     res["adapter_step_ratio_b1"] = adapters["ratio_b1"]
     res["adapter_step_ratio_b16"] = adapters["ratio_b16"]
+    res["adapter_forward_ratio_b1"] = adapters["forward_ratio_b1"]
+    res["adapter_forward_ratio_b16"] = adapters["forward_ratio_b16"]
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["bench_seconds"] = time.perf_counter() - t_start
     print(format_table(res))

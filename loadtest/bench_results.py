@@ -343,6 +343,9 @@ def format_table(res: dict) -> str:
             note,
         )
         row("adapter_step_ratio_b16", fmt(res["adapter_step_ratio_b16"], ".2f") + "x", note)
+        for b in ("b1", "b16"):
+            key = f"adapter_forward_ratio_{b}"
+            row(f"{key} (reference + experts)", fmt(res[key], ".2f") + "x", note)
     loads = ", ".join(f"{k} {v:.1f}" for k, v in res["loadavg_1min_per_phase"].items())
     lines += [
         "",

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -81,15 +82,23 @@ def decode_step_seconds(
     max_tokens: int,
     batches: tuple[int, ...] = (1, 16),
     rounds: int = 2,
+    also: Callable[[StepStats], None] | None = None,
 ) -> dict[int, float]:
     """Median seconds of one decode-only engine step with `b` rows, for each `b` in `batches`.
 
     `b` requests of `max_tokens` tokens (prompts taken from `prompts`, composition from `knobs`)
     run together through an in-process `Engine`, so every decode step has exactly `b` rows; the
     batch sizes take turns `rounds` times, so a burst of load on a shared machine hits all alike.
+    `also` sees every step's statistics too.
     """
     steps = DecodeSteps()
-    engine = Engine(family, EngineConfig(max_batch_size=max(batches)), on_step=steps)
+
+    def observe(s: StepStats) -> None:
+        steps(s)
+        if also is not None:
+            also(s)
+
+    engine = Engine(family, EngineConfig(max_batch_size=max(batches)), on_step=observe)
     comp = make_composition(family, None, knobs)
 
     async def drain(i: int) -> None:

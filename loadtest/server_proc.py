@@ -28,8 +28,12 @@ class BenchServer(ServerProcess):
         program: list[str] | None = None,
     ):
         super().__init__(
-            config, "--max-batch-size", str(max_batch_size), *(extra_args or []),
-            log_path=log_path, ready_timeout=ready_timeout,
+            config,
+            "--max-batch-size",
+            str(max_batch_size),
+            *(extra_args or []),
+            log_path=log_path,
+            ready_timeout=ready_timeout,
         )
         if program:  # --server-cmd: another program that takes eft-serve's flags
             self.cmd = [*program, *self.cmd[3:]]
