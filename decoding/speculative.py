@@ -174,8 +174,10 @@ class SpeculativeDecoder:
         q = torch.zeros(kmax, b, self.vocab, device=dev)
         drafts = torch.zeros(b, kmax, dtype=torch.long, device=dev)
         inputs = last.clone()
+        draft_lp: list[torch.Tensor] = []  # [b, V] per position: each row's drafter log-probs
         for j in range(kmax):
             lp = torch.zeros(b, self.vocab, device=dev)
+            draft_lp.append(lp)
             for name in set(drafters):
                 idx = [i for i in range(b) if drafters[i] == name and ks[i] > j]
                 if not idx:
@@ -203,14 +205,24 @@ class SpeculativeDecoder:
             inputs = drafts[:, j]
         draft_list = drafts.tolist()
 
-        # 2. Verify: every model forwards [t0, x_1 .. x_k] of its rows in one pass.
+        # 2. Verify: every other model forwards [t0, x_1 .. x_k] of its rows in one pass. A
+        # drafter of the row's own composition is not run again: its log-probs at x_1 .. x_k
+        # are the drafting forwards' (the bonus position's is computed only when needed).
+        drafted_by = [drafters[i] if own[i] else None for i in range(b)]
         for name, runner in self.runners.items():
-            for seq in rows:
-                if name in seq.slots:
+            for i, seq in enumerate(rows):
+                if name in seq.slots and name != drafted_by[i]:
                     runner.lengths[seq.slots[name]] = start[name][seq.slots[name]]
         per_pos: list[list] = [[] for _ in range(kmax + 1)]  # position -> parts
+        for name in set(filter(None, drafted_by)):
+            for j in range(kmax):
+                idx = [i for i in range(b) if drafted_by[i] == name and ks[i] > j]
+                if idx:
+                    per_pos[j].append(self._part(rows, name, idx, draft_lp[j]))
         for runner, names in unique_runners(self.runners):
-            rows_of = {n: [i for i in range(b) if n in rows[i].slots] for n in names}
+            rows_of = {
+                n: [i for i in range(b) if n in rows[i].slots and n != drafted_by[i]] for n in names
+            }
             rows_of = {n: idx for n, idx in rows_of.items() if idx}
             if not rows_of:
                 continue
@@ -223,14 +235,10 @@ class SpeculativeDecoder:
             out = runner.prefill_many(calls, keep_all=True)
             stats.add_forward(runner.name, t)
             for name, idx in rows_of.items():
-                index = torch.tensor(idx, device=dev)
-                coef = torch.tensor(
-                    [rows[i].request.req.composition.coeffs[name] for i in idx], device=dev
-                )
                 lps = log_probs(out[name].to(dev), self.vocab)  # [rows, longest chunk, V]
                 for j in range(kmax + 1):
                     # Past a row's own block its entries are padding, never read.
-                    per_pos[j].append((name, index, coef, lps[:, min(j, lps.shape[1] - 1)]))
+                    per_pos[j].append(self._part(rows, name, idx, lps[:, min(j, lps.shape[1] - 1)]))
 
         # 3. Accept left to right; the first rejection resamples from the residual.
         emitted: list[list[int]] = [[] for _ in range(b)]
@@ -239,7 +247,8 @@ class SpeculativeDecoder:
         want_lp = [s.params.logprobs for s in rows]
         accepted = [0] * b
         for j in range(kmax + 1):
-            parts = per_pos[j]
+            parts = per_pos[j] + self._bonus_parts(rows, drafted_by, ks, j, open_rows,
+                                                   t0_list, draft_list, slot, stats)  # fmt: skip
             composed = combine(b, [(i, c, lp) for _, i, c, lp in parts])
             logits, finite = self.sampler.target_logits(rows, parts, composed, ahead=j)
             p = self.sampler.probs(logits)
@@ -305,3 +314,30 @@ class SpeculativeDecoder:
                 self.runners[drafters[i]].lengths[slot[i]] = kept
         last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
         return SpecResult(emitted, lps, last_tokens, ks, accepted)
+
+    def _part(self, rows: list[Sequence], name: str, idx: list[int], lp: torch.Tensor):
+        """(model, rows, coefficients, log-probs) for combining; `lp` holds just `idx`'s rows
+        when it has as many, else every row (it is then cut to `idx`)."""
+        index = torch.tensor(idx, device=self.device)
+        coef = torch.tensor(
+            [rows[i].request.req.composition.coeffs[name] for i in idx], device=self.device
+        )
+        return name, index, coef, (lp if lp.shape[0] == len(idx) else lp.index_select(0, index))
+
+    def _bonus_parts(self, rows, drafted_by, ks, j, open_rows, t0_list, draft_list, slot, stats):
+        """The drafter's log-probs at position j for the rows whose block is fully accepted
+        there (their bonus token needs the whole composition): one more decode of x_k (t0 for
+        an empty block), made only for rows that got this far."""
+        parts = []
+        for name in set(filter(None, drafted_by)):
+            idx = [i for i in range(len(rows))
+                   if drafted_by[i] == name and ks[i] == j and open_rows[i]]  # fmt: skip
+            if not idx:
+                continue
+            tokens = [draft_list[i][j - 1] if j else t0_list[i] for i in idx]
+            runner = self.runners[name]
+            t = time.perf_counter()
+            logits = runner.decode([slot[i] for i in idx], torch.tensor(tokens))
+            stats.add_forward(runner.name, t)
+            parts.append(self._part(rows, name, idx, log_probs(logits.to(self.device), self.vocab)))
+        return parts
