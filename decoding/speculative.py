@@ -8,9 +8,11 @@ decoding; Leviathan et al. / Chen et al. for the accept rule):
    `q_j` is the drafter's distribution after the row's own bans, temperature, top-k, top-p and
    min-p. A draft model outside the composition has a slot of its own per row, which nothing
    else forwards: it catches up on the row's new tokens at the start of each block.
-2. **Verify.** Every model the row uses forwards `[t0, x_1 .. x_k]` in one multi-token pass over
-   its KV slots, so at each position `j` the engine has the exact target `p_j`: the composed
-   EFT distribution after the same bans, temperature and filters it samples from otherwise.
+2. **Verify.** Every other model the row uses forwards `[t0, x_1 .. x_k]` in one multi-token
+   pass over its KV slots (an expert that drafted reuses its drafting log-probs, and decodes
+   `x_k` only when the whole block is accepted), so at each position `j` the engine has the
+   exact target `p_j`: the composed EFT distribution after the same bans, temperature and
+   filters it samples from otherwise.
 3. **Accept.** Left to right, `x_j` is kept with probability `min(1, p_j(x_j) / q_j(x_j))`; the
    first rejected position samples from `norm(max(0, p_j - q_j))` instead and ends the block; a
    fully accepted block adds a bonus token from `p_k`. Each emitted token is then distributed
@@ -76,8 +78,13 @@ class SpecPolicy:
 
     mode: str = "auto"
     probe_every: int = 32  # auto: steps between re-measurements of the option not in use
+    # auto: steps each option is timed at a batch size before the faster one is chosen (one
+    # step's time on a shared machine can be off by tens of percent, and a wrong choice
+    # sticks until the next probe)
+    min_samples: int = 3
     block: dict[int, int] = field(default_factory=dict)  # id(Sequence) -> its next k
     cost: dict[tuple[int, bool], float] = field(default_factory=dict)  # (bucket, spec) -> s/tok
+    samples: dict[tuple[int, bool], int] = field(default_factory=dict)  # (bucket, spec) -> n
     steps: dict[int, int] = field(default_factory=dict)  # bucket -> steps seen
 
     @property
@@ -91,19 +98,20 @@ class SpecPolicy:
             return True
         bucket = _bucket(batch)
         n = self.steps[bucket] = self.steps.get(bucket, 0) + 1
-        spec, plain = self.cost.get((bucket, True)), self.cost.get((bucket, False))
-        if spec is None or plain is None:
-            return spec is None  # measure speculation first, then plain decoding
-        faster = spec < plain
+        if self.samples.get((bucket, True), 0) < self.min_samples:
+            return True  # measure speculation first, then plain decoding
+        if self.samples.get((bucket, False), 0) < self.min_samples:
+            return False
+        faster = self.cost[(bucket, True)] < self.cost[(bucket, False)]
         return faster != (n % self.probe_every == 0)  # now and then, re-measure the other
 
     def observe(self, batch: int, spec: bool, seconds: float, tokens: int) -> None:
         if self.mode != "auto" or tokens == 0:
             return
         key = (_bucket(batch), spec)
-        per_token = seconds / tokens
-        old = self.cost.get(key)
-        self.cost[key] = per_token if old is None else 0.7 * old + 0.3 * per_token
+        n = self.samples[key] = self.samples.get(key, 0) + 1
+        weight = max(0.3, 1 / n)  # the mean of the first samples, then a moving average
+        self.cost[key] = (1 - weight) * self.cost.get(key, 0.0) + weight * seconds / tokens
 
     def speedup(self, batch: int) -> float | None:
         """Measured seconds per token without / with speculation at this batch size (auto mode,

@@ -223,7 +223,7 @@ def test_opted_out_and_penalised_requests_never_speculate(tiny_family):
 
 
 def test_auto_policy_follows_measured_cost_and_probes_the_other_option():
-    policy = SpecPolicy("auto", probe_every=4)
+    policy = SpecPolicy("auto", probe_every=4, min_samples=1)
     assert policy.use(8) is True  # nothing measured: try speculation first
     policy.observe(8, True, seconds=1.0, tokens=10)  # 0.1 s per token speculating
     assert policy.use(8) is False  # then measure plain decoding
@@ -234,3 +234,16 @@ def test_auto_policy_follows_measured_cost_and_probes_the_other_option():
     policy.observe(16, False, seconds=1.0, tokens=16)
     assert [policy.use(16) for _ in range(3)].count(False) == 3
     assert not SpecPolicy("off").use(1) and SpecPolicy("3").use(32)
+
+
+def test_auto_policy_times_each_option_several_steps_before_choosing():
+    policy = SpecPolicy("auto", probe_every=100)  # min_samples 3 by default
+    first = []
+    for spec, sec in [(True, 0.5), (True, 2.0), (True, 2.0), (False, 1.0), (False, 1.0),
+                      (False, 1.0)]:  # fmt: skip
+        first.append(policy.use(4))
+        policy.observe(4, spec, seconds=sec, tokens=10)
+    assert first == [True, True, True, False, False, False]
+    # One lucky speculative step (0.5 s) does not decide: its mean (1.5 s) loses to 1.0 s.
+    assert [policy.use(4) for _ in range(5)] == [False] * 5
+    assert policy.speedup(4) == pytest.approx(1.0 / 1.5)
