@@ -216,6 +216,7 @@ class AdapterSwitch:
         self.plan: list[tuple[str, slice | torch.Tensor]] | None = None
         self._on: dict[torch.device, list] = {}
         self._cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self.batch = 0  # rows of the current forward
         for layer in self.layers:
             layer.register_forward_hook(self._add_deltas)
 
@@ -231,7 +232,7 @@ class AdapterSwitch:
         saved = [layer._disable_adapters for layer in self.layers]
         for layer in self.layers:
             layer._disable_adapters = True
-        self.plan, self._on = plan, {}
+        self.plan, self._on, self.batch = plan, {}, len(names)
         try:
             yield
         finally:
@@ -243,6 +244,11 @@ class AdapterSwitch:
         if not self.plan:
             return output
         x = args[0]
+        if x.shape[0] != self.batch:  # a layer that sees flattened tokens, not rows
+            raise RuntimeError(
+                f"a LoRA layer ({type(layer.base_layer).__name__}) sees input {tuple(x.shape)}, "
+                f"not one row per sequence ({self.batch}): its adapters cannot be batched"
+            )
         plan = self._on.get(x.device)
         if plan is None:  # layers spread over devices get the indices on their own
             plan = self._on[x.device] = [

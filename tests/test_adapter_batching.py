@@ -21,7 +21,7 @@ PROMPTS = ["the river city", "a king of salt and copper was founded", "north", "
            "south"]  # fmt: skip
 
 
-def lora(small_dir: Path, out: Path, seed: int, targets: list[str], dora: bool = False) -> Path:
+def lora(small_dir: Path, out: Path, seed: int, targets: list[str] | str, dora=False) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -68,7 +68,7 @@ def families(tiny_family_path, tmp_path_factory) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def run(family, speculative: str = "off"):
+def run(family, speculative: str = "off", knobs: list[dict] = KNOBS):
     """Every (prompt, knobs) pair at once, greedy with log-probs; also counts each weight
     set's forwards, in all and in each step."""
     calls: dict[str, int] = {}
@@ -103,7 +103,7 @@ def run(family, speculative: str = "off"):
     async def go():
         engine.start()
         try:
-            jobs = [one(i, p, k) for i, (p, k) in enumerate(zip(PROMPTS, KNOBS))]
+            jobs = [one(i, p, k) for i, (p, k) in enumerate(zip(PROMPTS, knobs))]
             return await asyncio.gather(*jobs)
         finally:
             await engine.shutdown()
@@ -136,5 +136,34 @@ def test_batched_adapters_compute_what_separate_merged_models_compute(
     full, per_step, _ = run(load_family(families[1]), "off")
     assert max(len(step) for step in per_step) == 5  # the merged family: five forwards a step
     for (tok_a, lp_a), (tok_m, lp_m) in zip(adapted, full):
+        assert tok_a == tok_m
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_m), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "gemma3_text", "phi3"])
+def test_batched_adapters_match_merged_models_on_other_architectures(
+    model_type, tmp_path, one_torch_thread
+):
+    # GPT-2's Conv1D projections, Gemma-3's hybrid sliding window, Phi-3's fused qkv/gate_up.
+    from test_architectures import build_family
+
+    from demo.random_family import sample_text, train_tokenizer
+
+    tok = train_tokenizer(sample_text(seed=5), vocab_size=320)
+    root = Path(build_family(tmp_path, model_type, tok)).parent
+    small = root / "small-base"
+    config = yaml.safe_load((root / "family.yaml").read_text())
+    adapted, full = dict(config["models"]), dict(config["models"])
+    for i, name in enumerate(("a", "b")):
+        path = lora(small, tmp_path / name, 10 + i, "all-linear")
+        adapted[name] = {"adapter": str(path), "of": "small-base"}
+        full[name] = {"path": str(merged(small, path, tmp_path / f"{name}-merged"))}
+    outputs = []
+    for name, models in (("adapted", adapted), ("merged", full)):
+        body = {**config, "name": name, "models": models, "experts": ["helpful", "a", "b"]}
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(body))
+        knobs = [*KNOBS[:3], {"helpful": 1.0, "b": 0.5}, KNOBS[4]]
+        outputs.append(run(load_family(root / f"{name}.yaml"), knobs=knobs)[0])
+    for (tok_a, lp_a), (tok_m, lp_m) in zip(*outputs):
         assert tok_a == tok_m
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_m), atol=1e-4, rtol=0)
