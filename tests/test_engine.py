@@ -740,9 +740,10 @@ def test_a_failing_prefill_fails_its_request_and_the_engine_serves_on(tiny_famil
 
 
 def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
-    # The token the base model decodes second for this prompt poisons the decode forward.
+    # The token the base model decodes second for this prompt poisons the decode forward
+    # (speculation off: a speculative step would verify that token in a multi-token forward).
     async def greedy():
-        engine = await started(tiny_family)
+        engine = await started(tiny_family, speculative="off")
         try:
             return await collect(
                 engine,
@@ -756,7 +757,7 @@ def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
     poison = asyncio.run(greedy())[0]["tokens"][1]
 
     async def go():
-        engine = await started(tiny_family)
+        engine = await started(tiny_family, speculative="off")
         try:
             doomed = await collect(
                 engine,
@@ -787,6 +788,36 @@ def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
     assert doomed[0]["finish"] == "error" and "injected fault" in doomed[0]["error"]
     assert doomed[0]["tokens"] == [doomed[0]["tokens"][0], poison]
     assert later[0]["finish"] == "length"
+
+
+def test_a_failing_speculative_step_fails_its_rows_and_the_engine_serves_on(tiny_family):
+    # The large base's verify forward raises on the token it verifies second; a request that
+    # does not use the large base (small-base alone) is served afterwards.
+    async def greedy(mode):
+        engine = await started(tiny_family, speculative=mode)
+        try:
+            doomed = await collect(
+                engine,
+                request(
+                    tiny_family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True
+                ),
+            )
+            later = await collect(
+                engine, request(tiny_family, "later", PROMPTS[0], model="small-base", max_tokens=3)
+            )
+            return doomed, later, engine.num_running
+        finally:
+            await engine.shutdown()
+
+    poison = asyncio.run(greedy("off"))[0][0]["tokens"][1]
+    assert poison not in tiny_family.tokenizer.encode(PROMPTS[1])  # the prefill is unharmed
+    handle = poison_hook(tiny_family, "large-base", poison)
+    try:
+        doomed, later, running = asyncio.run(asyncio.wait_for(greedy("3"), 60))
+    finally:
+        handle.remove()
+    assert doomed[0]["finish"] == "error" and "injected fault" in doomed[0]["error"]
+    assert later[0]["finish"] in ("length", "stop") and running == 0
 
 
 def alone(family, prompt: str, knobs=None, **params) -> dict:
