@@ -246,9 +246,7 @@ class Engine:
             raise RequestValidationError(
                 "prompt log-probs need the same prompt for every model", param="echo"
             )
-        draft = self._draft_for(req)
-        if draft is not None:
-            models = [*models, draft]
+        draft = self._draft_for(req)  # its slot comes at the row's first speculative block
         cost = max(len(req.prompt_ids[m]) for m in models)
         return RequestState(
             req, asyncio.get_running_loop(), asyncio.Queue(), models, cost, draft=draft
@@ -256,8 +254,10 @@ class Engine:
 
     def _draft_for(self, req: GenerationRequest) -> str | None:
         """The family's draft model, when this request's rows may draft with it from outside
-        their composition: they then need its prompt prefilled and a slot of their own. Its
-        prompt must fit like every model's; else the rows draft with their heaviest expert."""
+        their composition: each row then gets a slot of its own there, filled with its prompt
+        and output at its first speculative block (so a request that never speculates costs the
+        draft model nothing). Its prompt must fit like every model's; else the rows draft with
+        their heaviest expert."""
         draft, p, coeffs = self._draft, req.params, req.composition.coeffs
         if draft is None or draft in coeffs or self.family.config.base not in coeffs:
             return None
@@ -521,10 +521,7 @@ class Engine:
                     (p.seed * 1_000_003 + i) % (2**63)
                 )
             detok = IncrementalDetokenizer(self.family.tokenizer, p.stop, p.skip_special_tokens)
-            seq = Sequence(state, i, p, detok, gen, slots)
-            if state.draft is not None:  # drafts only: kept out of the composition's slots
-                seq.draft_slot = slots.pop(state.draft)
-            rows.append(seq)
+            rows.append(Sequence(state, i, p, detok, gen, slots))
         state.slots = {}  # now owned by the rows
         return rows
 

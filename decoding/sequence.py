@@ -23,7 +23,7 @@ class RequestState:
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop  # the caller's loop, where its events are delivered
     queue: asyncio.Queue
-    models: list[str]  # models it prefills: its composition's, in family order, then `draft`
+    models: list[str]  # models it prefills: its composition's, in family order
     cost: int  # prompt tokens to prefill (longest per-model prompt)
     done: int = 0  # siblings finished (consumer side)
     slots: dict[str, int] = field(default_factory=dict)  # model -> slot, while prefilling
@@ -33,7 +33,7 @@ class RequestState:
     prompt_trace: list[TokenTrace | None] | None = None  # echo scoring with a trace
     reasons: list[str] = field(default_factory=list)  # finish reasons of its siblings so far
     # The family's draft model, when it is not in the composition but the request may speculate:
-    # prefilled like the others, then each row's `draft_slot` (outside the composition).
+    # each row's `draft_slot` there (outside the composition) is filled at its first block.
     draft: str | None = None
 
     @property

@@ -63,7 +63,7 @@ def drafter(seq: Sequence, experts: tuple[str, ...], draft: str | None = None) -
         return None
     coeffs = seq.request.req.composition.coeffs
     if draft is not None and (
-        seq.draft_slot is not None or (draft in seq.slots and len(coeffs) >= 2)
+        seq.request.draft == draft or (draft in seq.slots and len(coeffs) >= 2)
     ):
         return draft
     used = [e for e in experts if coeffs.get(e, 0.0) > 0 and e in seq.slots]
@@ -177,6 +177,9 @@ class SpeculativeDecoder:
         # drafter outside the row's composition (its `draft_slot`) is not verified, so it first
         # catches up on what it has not seen: the tokens since its last block (at least t0).
         own = [d in s.slots for s, d in zip(rows, drafters)]
+        for seq, d, o in zip(rows, drafters, own):
+            if not o and seq.draft_slot is None:  # its first block: the catch-up fills it
+                seq.draft_slot = self.runners[d].allocate(d)
         slot = [s.slots[d] if o else s.draft_slot for s, d, o in zip(rows, drafters, own)]
         seen: list[int] = [0] * b  # per draft-slot row: its history's length after catching up
         q = torch.zeros(kmax, b, self.vocab, device=dev)
