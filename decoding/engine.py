@@ -7,8 +7,8 @@ through `loop.call_soon_threadsafe`; leaving the iterator early cancels the requ
 The engine thread drains the inbox between steps and runs `step()` while there is work:
 
     plan = scheduler.schedule()            who runs (bookkeeping only)
-    prefill chunks -> runners              one forward per model over the step's prompt chunks
-    decode rows    -> runners              one forward per model over the rows that use it
+    prefill chunks -> runners              one forward per set of weights over the prompt chunks
+    decode rows    -> runners              one forward per set of weights over its rows
     sampler.sample(rows, parts)            combine, penalties, bans, filters, draw
     Sequence.append per row                detokenize, stop checks -> events
     free the slots of finished rows

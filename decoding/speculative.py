@@ -1,4 +1,4 @@
-"""Speculative EFT: the small expert drafts, every model verifies, the output is unchanged.
+"""Speculative EFT: the small expert drafts, the other models verify, the output is unchanged.
 
 One speculative step for rows that each have a pending token `t0` (EFT paper, speculative
 decoding; Leviathan et al. / Chen et al. for the accept rule):
