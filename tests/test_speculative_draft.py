@@ -129,3 +129,29 @@ def test_draft_must_be_an_entry_other_than_the_base():
         FamilyConfig.model_validate({**base, "draft": "c"})
     with pytest.raises(ValueError, match="the base cannot draft"):
         FamilyConfig.model_validate({**base, "draft": "a"})
+
+
+def test_a_draft_model_family_serves_through_http(tiny_family_path, tmp_path):
+    """A real `eft-serve` with a draft model and the official client: a greedy chat for the base
+    alone speculates (only a draft model can draft for it), reports what it drafted, and says
+    exactly what the same request says with speculation opted out."""
+    import openai
+
+    from server.process import ServerProcess
+
+    with_drafter(tiny_family_path, tmp_path, "small-base", chat_template="plain")
+    name = yaml.safe_load((tmp_path / "family.yaml").read_text())["name"]
+    with ServerProcess(tmp_path / "family.yaml", "--speculative", "3", "--threads", "1",
+                       log_path=tmp_path / "server.log", ready_timeout=90) as srv:  # fmt: skip
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0)
+        answers = []
+        for spec in (True, False):
+            r = client.chat.completions.create(
+                model=f"{name}/large-base", max_tokens=12, temperature=0,
+                messages=[{"role": "user", "content": QUESTIONS[1]}],
+                extra_body={"ignore_eos": True, "eft": {"speculative": spec}},
+            )  # fmt: skip
+            answers.append((r.choices[0].message.content, (r.usage.model_extra or {})))
+    (spec_text, spec_usage), (plain_text, plain_usage) = answers
+    assert spec_text == plain_text and spec_usage["eft_speculative"]["drafted_tokens"] > 0
+    assert "eft_speculative" not in plain_usage
