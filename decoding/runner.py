@@ -384,7 +384,7 @@ class ModelRunner:
             q_pos = torch.tensor([self.lengths[s] for s in slots], device=dev).unsqueeze(-1)
             addr = _Addressing(index, q_pos, "gather", width)
         self.cache.set_addressing(addr)
-        if addr.mode == "view":  # padding rows run as the owner of slot 0: any member will do
+        if addr.mode == "view":  # padding rows run as whichever member holds their slot
             owners = [self.owner[s] or self.name for s in range(span)]
         else:
             owners = [self.owner[s] for s in slots]

@@ -56,9 +56,9 @@ def may_speculate(p: SamplingParams) -> bool:
 
 
 def drafter(seq: Sequence, experts: tuple[str, ...], draft: str | None = None) -> str | None:
-    """The model that drafts for this row: the family's `draft` model when the row has a slot
-    in it (its own `draft_slot`, or its composition uses it), else its heaviest expert; None
-    when it does not speculate."""
+    """The model that drafts for this row: the family's `draft` model when the row's request
+    was given one (`RequestState.draft`) or its composition uses it, else its heaviest expert;
+    None when it does not speculate."""
     if not may_speculate(seq.params):
         return None
     coeffs = seq.request.req.composition.coeffs
