@@ -106,6 +106,7 @@ class Engine:
             except UnsupportedModelError as exc:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
             self.runners.update(dict.fromkeys(names, runner))
+        self.groups = unique_runners(self.runners)  # each runner once, with its members
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
         )
@@ -462,7 +463,7 @@ class Engine:
         model's last logits. Returns the all-position logits of echo-scoring requests:
         (model, request) -> [T, V]."""
         full: dict[tuple[str, int], torch.Tensor] = {}
-        for runner, names in unique_runners(self.runners):
+        for runner, names in self.groups:
             mine = {n: [c for c in chunks if n in c.spans] for n in names}
             mine = {n: cs for n, cs in mine.items() if cs}
             if not mine:
@@ -561,7 +562,7 @@ class Engine:
             self._members = self._membership(rows)
             self._member_rows = rows
         parts: list[Part] = []
-        for runner, names in unique_runners(self.runners):
+        for runner, names in self.groups:
             mine = [n for n in names if n in self._members]
             if not mine:
                 continue
@@ -660,7 +661,7 @@ class Engine:
         self._batch, self._sampler_rows, self._member_rows = [], [], []
         self._last = self._last[:0]
         try:
-            for runner, _ in unique_runners(self.runners):
+            for runner, _ in self.groups:
                 runner.reset()
         except Exception:  # noqa: BLE001
             log.exception("could not reset the KV slots")

@@ -153,6 +153,7 @@ class SpeculativeDecoder:
     def __init__(self, runners: dict[str, ModelRunner], sampler: Sampler, vocab: int,
                  device: torch.device, policy: SpecPolicy):  # fmt: skip
         self.runners = runners
+        self.groups = unique_runners(runners)  # each set of weights once, with its entries
         self.sampler = sampler
         self.vocab = vocab
         self.device = device
@@ -229,8 +230,9 @@ class SpeculativeDecoder:
             for j in range(kmax):
                 idx = [i for i in range(b) if drafted_by[i] == name and ks[i] > j]
                 if idx:
-                    per_pos[j].append(self._part(rows, name, idx, draft_lp[j]))
-        for runner, names in unique_runners(self.runners):
+                    index, coef = self._rows(rows, name, idx)
+                    per_pos[j].append((name, index, coef, draft_lp[j].index_select(0, index)))
+        for runner, names in self.groups:
             rows_of = {
                 n: [i for i in range(b) if n in rows[i].slots and n != drafted_by[i]] for n in names
             }
@@ -246,10 +248,11 @@ class SpeculativeDecoder:
             out = runner.prefill_many(calls, keep_all=True)
             stats.add_forward(runner.name, t)
             for name, idx in rows_of.items():
+                index, coef = self._rows(rows, name, idx)
                 lps = log_probs(out[name].to(dev), self.vocab)  # [rows, longest chunk, V]
                 for j in range(kmax + 1):
                     # Past a row's own block its entries are padding, never read.
-                    per_pos[j].append(self._part(rows, name, idx, lps[:, min(j, lps.shape[1] - 1)]))
+                    per_pos[j].append((name, index, coef, lps[:, min(j, lps.shape[1] - 1)]))
 
         # 3. Accept left to right; the first rejection resamples from the residual.
         emitted: list[list[int]] = [[] for _ in range(b)]
@@ -326,14 +329,13 @@ class SpeculativeDecoder:
         last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
         return SpecResult(emitted, lps, last_tokens, ks, accepted)
 
-    def _part(self, rows: list[Sequence], name: str, idx: list[int], lp: torch.Tensor):
-        """(model, rows, coefficients, log-probs) for combining; `lp` holds just `idx`'s rows
-        when it has as many, else every row (it is then cut to `idx`)."""
+    def _rows(self, rows: list[Sequence], name: str, idx: list[int]):
+        """The batch rows `idx` and their coefficients for `name`, as tensors (a part's head)."""
         index = torch.tensor(idx, device=self.device)
         coef = torch.tensor(
             [rows[i].request.req.composition.coeffs[name] for i in idx], device=self.device
         )
-        return name, index, coef, (lp if lp.shape[0] == len(idx) else lp.index_select(0, index))
+        return index, coef
 
     def _bonus_parts(self, rows, drafted_by, ks, j, open_rows, t0_list, draft_list, slot, stats):
         """The drafter's log-probs at position j for the rows whose block is fully accepted
@@ -350,5 +352,6 @@ class SpeculativeDecoder:
             t = time.perf_counter()
             logits = runner.decode([slot[i] for i in idx], torch.tensor(tokens))
             stats.add_forward(runner.name, t)
-            parts.append(self._part(rows, name, idx, log_probs(logits.to(self.device), self.vocab)))
+            index, coef = self._rows(rows, name, idx)
+            parts.append((name, index, coef, log_probs(logits.to(self.device), self.vocab)))
         return parts
