@@ -183,10 +183,27 @@ class Sampler:
         self.eos_ids = eos_ids
         self.shared = torch.Generator(device=device).manual_seed(seed)
         self.params: BatchParams | None = None
+        self._rows: list[Sequence] = []
+        self._expanded: dict[tuple[int, ...], BatchParams] = {}
 
     def prepare(self, rows: list[Sequence]) -> None:
         """Per-row tensors for a new batch membership (rows joined or left)."""
         self.params = BatchParams(rows, self.vocab, self.device)
+        self._rows = rows
+        self._expanded.clear()
+
+    def expanded(self, index: list[int]) -> BatchParams:
+        """The per-row tensors of a batch whose rows are the prepared rows `index` (repeats
+        allowed): a speculative block scores every position of every row at once. Cached
+        for the membership (a row's block lengths repeat from step to step)."""
+        key = tuple(index)
+        bp = self._expanded.get(key)
+        if bp is None:
+            if len(self._expanded) >= 256:
+                self._expanded.clear()
+            bp = BatchParams([self._rows[i] for i in index], self.vocab, self.device)
+            self._expanded[key] = bp
+        return bp
 
     def sample(self, rows: list[Sequence], parts: list[Part]) -> StepSample:
         bp = self.params
@@ -209,12 +226,18 @@ class Sampler:
         )
 
     def target_logits(
-        self, rows: list[Sequence], parts: list[Part], composed: torch.Tensor, ahead: int = 0
+        self,
+        rows: list[Sequence],
+        parts: list[Part],
+        composed: torch.Tensor,
+        ahead: int | list[int] = 0,
+        bp: BatchParams | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The distribution each row samples from, as logits (-inf where ruled out), and
         whether its composed distribution is finite. `ahead`: tokens the rows are assumed to
-        have beyond their output (a speculative block's position), for `min_tokens`."""
-        bp = self.params
+        have beyond their output (a speculative block's position; one per row or for all),
+        for `min_tokens`; `bp`: the rows' tensors when they are not the prepared batch."""
+        bp = bp or self.params
         finite = torch.isfinite(composed).all(dim=-1)
         scores = composed.nan_to_num(nan=-torch.inf)
         if bp.penalties is not None:
@@ -247,9 +270,9 @@ class Sampler:
         empty = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
         return torch.where(empty, scores, logits)
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+    def probs(self, logits: torch.Tensor, bp: BatchParams | None = None) -> torch.Tensor:
         """Probabilities of `logits`; a greedy row puts all its mass on its argmax."""
-        bp = self.params
+        bp = bp or self.params
         probs = torch.softmax(logits, dim=-1)
         if bp.all_greedy or bp.greedy.any():
             onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(-1, keepdim=True), 1.0)
@@ -257,12 +280,16 @@ class Sampler:
         return probs
 
     def noise(
-        self, shape: tuple[int, ...], kind: str, active: list[bool] | None = None
+        self,
+        shape: tuple[int, ...],
+        kind: str,
+        active: list[bool] | None = None,
+        bp: BatchParams | None = None,
     ) -> torch.Tensor:
         """Per-row random numbers ("uniform" or "exponential"), each seeded row from its own
         generator (only where `active`, so a row's stream never depends on its companions),
         the others from the shared one."""
-        bp = self.params
+        bp = bp or self.params
         out = torch.ones(shape, device=self.device)
         seeded = [i for i, g in enumerate(bp.generators) if g is not None]
 
@@ -280,12 +307,13 @@ class Sampler:
         return out
 
     def _bans(
-        self, rows: list[Sequence], scores: torch.Tensor, ahead: int = 0
+        self, rows: list[Sequence], scores: torch.Tensor, ahead: int | list[int] = 0
     ) -> torch.Tensor | None:
         """[B, V] True for EOS / stop ids of rows still under `min_tokens`, or None."""
         r, c = [], []
-        for i, s in enumerate(rows):
-            if len(s.output) + ahead < s.params.min_tokens:
+        aheads = [ahead] * len(rows) if isinstance(ahead, int) else ahead
+        for i, (s, a) in enumerate(zip(rows, aheads)):
+            if len(s.output) + a < s.params.min_tokens:
                 ids = set(s.params.stop_token_ids) | (
                     set() if s.params.ignore_eos else self.eos_ids
                 )

@@ -13,11 +13,13 @@ decoding; Leviathan et al. / Chen et al. for the accept rule):
    `x_k` only when the whole block is accepted), so at each position `j` the engine has the
    exact target `p_j`: the composed EFT distribution after the same bans, temperature and
    filters it samples from otherwise.
-3. **Accept.** Left to right, `x_j` is kept with probability `min(1, p_j(x_j) / q_j(x_j))`; the
-   first rejected position samples from `norm(max(0, p_j - q_j))` instead and ends the block; a
-   fully accepted block adds a bonus token from `p_k`. Each emitted token is then distributed
-   exactly as without speculation (greedy rows: one-hot p and q, so the output is the greedy
-   output).
+3. **Accept.** `x_j` is kept with probability `min(1, p_j(x_j) / q_j(x_j))`, and a row keeps
+   its drafts up to the first rejection, which samples from `norm(max(0, p_j - q_j))` instead;
+   a fully accepted block adds a bonus token from `p_k`. Each emitted token is then
+   distributed exactly as without speculation (greedy rows: one-hot p and q, so the output is
+   the greedy output). Every drafted position of every row is scored in one pass (as extra
+   rows of the sampler's batch), and the last tokens in one more, so the number of times a
+   step waits for the device does not grow with its blocks' length.
 4. **Roll back.** Every model's slot keeps `t0` and the accepted tokens; the rest of the block
    is dropped by shortening the slot (the KV past its length is never read).
 
@@ -136,6 +138,20 @@ class SpecPolicy:
         self.block.pop(id(seq), None)
 
 
+def keep_draft(px: torch.Tensor, qx: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The accept rule: a draft x ~ q is kept with probability min(1, p(x) / q(x)), for
+    `u` ~ U[0, 1) (`px`, `qx`: p(x) and q(x))."""
+    return u * qx < px
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """What a rejected position samples from: max(0, p - q), unnormalised (the exponential
+    race normalises); p itself where q covers p everywhere (a rejection there is a rounding
+    artefact)."""
+    r = (p - q).clamp_min(0)
+    return torch.where(r.sum(-1, keepdim=True) <= 0, p, r)
+
+
 def _bucket(batch: int) -> int:
     return 1 << (batch - 1).bit_length()
 
@@ -147,6 +163,31 @@ class SpecResult:
     last: torch.Tensor  # [B] each row's last emitted token: the next step's input
     drafted: list[int]  # per row, tokens drafted
     accepted: list[int]  # per row, drafted tokens the verification accepted
+
+
+@dataclass
+class _Block:
+    """One speculative step's drafts, as the verification and the accept rule read them."""
+
+    rows: list[Sequence]
+    drafters: list[str]
+    own: list[bool]  # per row: its drafter is a model of its composition (verified by drafting)
+    slot: list[int]  # per row: the drafter's slot it drafts in
+    ks: list[int]  # per row: tokens drafted (0 for a row on its last token)
+    t0: list[int]  # per row: the pending token the block starts from
+    start: dict[str, dict[int, int]]  # model -> slot -> its length before the step
+    seen: list[int]  # per draft-slot row: its history's length after catching up
+    drafts: list[list[int]]  # per row: x_1 .. x_k
+    q: torch.Tensor  # [kmax, b, V] the draft distributions
+    draft_lp: torch.Tensor  # [b, kmax, V] the drafters' log-probs at each position
+
+    def drafted_by(self, i: int) -> str | None:
+        """The composition model whose log-probs row `i`'s drafting already computed."""
+        return self.drafters[i] if self.own[i] else None
+
+
+# A model's log-probs over a block: (model, its batch rows, [rows, positions, V]).
+Source = tuple[str, list[int], torch.Tensor]
 
 
 class SpeculativeDecoder:
@@ -163,35 +204,39 @@ class SpeculativeDecoder:
     def step(
         self, rows: list[Sequence], drafters: list[str], last: torch.Tensor, stats
     ) -> SpecResult:
-        dev = self.device
-        b = len(rows)
+        blk = self._draft(rows, drafters, last, stats)
+        sources = self._verify(blk, stats)
+        result = self._accept(blk, sources, stats)
+        self._roll_back(blk, result)
+        return result
+
+    def _draft(self, rows: list[Sequence], drafters: list[str], last: torch.Tensor, stats):
+        """1. k_i tokens per row from its drafter, q_j kept for the accept rule. A drafter
+        outside the row's composition (its `draft_slot`) is not verified, so it first catches
+        up on what it has not seen: the tokens since its last block (at least t0)."""
+        dev, b = self.device, len(rows)
         # A block never drafts past max_tokens: the step emits at most k + 1 tokens.
         ks = [
             min(self.policy.block_for(s), max(0, s.params.max_tokens - len(s.output) - 1))
             for s in rows
         ]
         kmax = max(ks)
-        t0_list = last.tolist()
+        t0 = last.tolist()
         start = {name: {s: r.lengths[s] for s in r.active} for name, r in self.runners.items()}
-
-        # 1. Draft: k_i tokens per row from its drafter, q_j kept for the accept rule. A
-        # drafter outside the row's composition (its `draft_slot`) is not verified, so it first
-        # catches up on what it has not seen: the tokens since its last block (at least t0).
         own = [d in s.slots for s, d in zip(rows, drafters)]
         for seq, d, o in zip(rows, drafters, own):
             if not o and seq.draft_slot is None:  # its first block: the catch-up fills it
                 seq.draft_slot = self.runners[d].allocate(d)
         slot = [s.slots[d] if o else s.draft_slot for s, d, o in zip(rows, drafters, own)]
-        seen: list[int] = [0] * b  # per draft-slot row: its history's length after catching up
+        seen = [0] * b
         q = torch.zeros(kmax, b, self.vocab, device=dev)
+        draft_lp = torch.zeros(b, kmax, self.vocab, device=dev)
         drafts = torch.zeros(b, kmax, dtype=torch.long, device=dev)
-        inputs = last.clone()
-        draft_lp: list[torch.Tensor] = []  # [b, V] per position: each row's drafter log-probs
+        inputs = last
+        by_drafter = {name: [i for i in range(b) if drafters[i] == name] for name in set(drafters)}
         for j in range(kmax):
-            lp = torch.zeros(b, self.vocab, device=dev)
-            draft_lp.append(lp)
-            for name in set(drafters):
-                idx = [i for i in range(b) if drafters[i] == name and ks[i] > j]
+            for name, rows_of in by_drafter.items():
+                idx = [i for i in rows_of if ks[i] > j]
                 if not idx:
                     continue
                 index = torch.tensor(idx, device=dev)
@@ -201,7 +246,7 @@ class SpeculativeDecoder:
                     chunks = []
                     for i in idx:
                         if own[i]:
-                            chunks.append([t0_list[i]])
+                            chunks.append([t0[i]])
                             continue
                         history = rows[i].request.req.prompt_ids[name] + rows[i].output
                         chunks.append(history[runner.lengths[slot[i]] :])  # ends with t0
@@ -210,148 +255,207 @@ class SpeculativeDecoder:
                 else:
                     logits = runner.decode([slot[i] for i in idx], inputs.index_select(0, index))
                 stats.add_forward(runner.name, t)
-                lp.index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
-            q[j] = self.sampler.probs(self.sampler.draft_logits(rows, lp, ahead=j))
+                draft_lp[:, j].index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
+            q[j] = self.sampler.probs(self.sampler.draft_logits(rows, draft_lp[:, j], ahead=j))
             noise = self.sampler.noise((b, self.vocab), "exponential", [k > j for k in ks])
             drafts[:, j] = (q[j] / noise).argmax(-1)
             inputs = drafts[:, j]
-        draft_list = drafts.tolist()
+        return _Block(rows, drafters, own, slot, ks, t0, start, seen,
+                      drafts.tolist(), q, draft_lp)  # fmt: skip
 
-        # 2. Verify: every other model forwards [t0, x_1 .. x_k] of its rows in one pass. A
-        # drafter of the row's own composition is not run again: its log-probs at x_1 .. x_k
-        # are the drafting forwards' (the bonus position's is computed only when needed).
-        drafted_by = [drafters[i] if own[i] else None for i in range(b)]
+    def _verify(self, blk: _Block, stats) -> list[Source]:
+        """2. Every other model of each row's composition forwards [t0, x_1 .. x_k] in one pass
+        per set of weights. A drafter of the row's own composition is not run again: its
+        log-probs at x_1 .. x_k are the drafting forwards' (the bonus position's is computed
+        only when needed)."""
+        rows, b = blk.rows, len(blk.rows)
         for name, runner in self.runners.items():
             for i, seq in enumerate(rows):
-                if name in seq.slots and name != drafted_by[i]:
-                    runner.lengths[seq.slots[name]] = start[name][seq.slots[name]]
-        per_pos: list[list] = [[] for _ in range(kmax + 1)]  # position -> parts
-        for name in set(filter(None, drafted_by)):
-            for j in range(kmax):
-                idx = [i for i in range(b) if drafted_by[i] == name and ks[i] > j]
-                if idx:
-                    index, coef = self._rows(rows, name, idx)
-                    per_pos[j].append((name, index, coef, draft_lp[j].index_select(0, index)))
+                if name in seq.slots and name != blk.drafted_by(i):
+                    runner.lengths[seq.slots[name]] = blk.start[name][seq.slots[name]]
+        sources: list[Source] = []
+        for name in set(filter(None, map(blk.drafted_by, range(b)))):
+            idx = [i for i in range(b) if blk.drafted_by(i) == name]
+            sources.append((name, idx, blk.draft_lp[idx]))
         for runner, names in self.groups:
             rows_of = {
-                n: [i for i in range(b) if n in rows[i].slots and n != drafted_by[i]] for n in names
+                n: [i for i in range(b) if n in rows[i].slots and n != blk.drafted_by(i)]
+                for n in names
             }
             rows_of = {n: idx for n, idx in rows_of.items() if idx}
             if not rows_of:
                 continue
             calls = {
                 n: ([rows[i].slots[n] for i in idx],
-                    [[t0_list[i]] + draft_list[i][: ks[i]] for i in idx])
+                    [[blk.t0[i]] + blk.drafts[i][: blk.ks[i]] for i in idx])
                 for n, idx in rows_of.items()
             }  # fmt: skip
             t = time.perf_counter()
             out = runner.prefill_many(calls, keep_all=True)
             stats.add_forward(runner.name, t)
             for name, idx in rows_of.items():
-                index, coef = self._rows(rows, name, idx)
-                lps = log_probs(out[name].to(dev), self.vocab)  # [rows, longest chunk, V]
-                for j in range(kmax + 1):
-                    # Past a row's own block its entries are padding, never read.
-                    per_pos[j].append((name, index, coef, lps[:, min(j, lps.shape[1] - 1)]))
+                # [rows, longest chunk, V]; past a row's own block, padding that is never read.
+                sources.append((name, idx, log_probs(out[name].to(self.device), self.vocab)))
+        return sources
 
-        # 3. Accept left to right; the first rejection resamples from the residual.
-        emitted: list[list[int]] = [[] for _ in range(b)]
-        lps: list[list[TokenLogprob | None]] = [[] for _ in range(b)]
-        open_rows = [True] * b
-        want_lp = [s.params.logprobs for s in rows]
-        accepted = [0] * b
-        for j in range(kmax + 1):
-            parts = per_pos[j] + self._bonus_parts(rows, drafted_by, ks, j, open_rows,
-                                                   t0_list, draft_list, slot, stats)  # fmt: skip
-            composed = combine(b, [(i, c, lp) for _, i, c, lp in parts])
-            logits, finite = self.sampler.target_logits(rows, parts, composed, ahead=j)
-            p = self.sampler.probs(logits)
-            x = drafts[:, j] if j < kmax else torch.zeros(b, dtype=torch.long, device=dev)
-            has_draft = torch.tensor([ks[i] > j for i in range(b)], device=dev)
-            if j < kmax:
-                px = p.gather(1, x.unsqueeze(-1)).squeeze(-1)
-                qx = q[j].gather(1, x.unsqueeze(-1)).squeeze(-1)
-                u = self.sampler.noise(
-                    (b,), "uniform", [o and k > j for o, k in zip(open_rows, ks)]
-                )
-                keep = has_draft & (u * qx < px)
-                residual = (p - q[j]).clamp_min(0)
-                empty = residual.sum(-1, keepdim=True) <= 0
-                residual = torch.where(empty, p, residual)
-                # Rows whose block ended before j take their bonus token from p.
-                residual = torch.where(has_draft.unsqueeze(-1), residual, p)
-            else:
-                keep = torch.zeros(b, dtype=torch.bool, device=dev)
-                residual = p
-            # A row whose block ends here draws from the residual (rejected) or p (bonus).
-            ending = [o and not kp for o, kp in zip(open_rows, keep.tolist())]
-            noise = self.sampler.noise((b, self.vocab), "exponential", ending)
-            pick = (residual / noise).argmax(-1)
-            pick = torch.where(self.sampler.params.greedy, logits.argmax(-1), pick)
-            choice = torch.where(keep, x, pick)
-            choice = torch.where(finite, choice, torch.full_like(choice, -1))
-            chosen = choice.tolist()
-            kept = keep.tolist()
-            lp_rows = None
-            if any(w is not None for w in want_lp):
-                safe = choice.clamp_min(0).unsqueeze(-1)
-                lp_vals = composed.gather(1, safe).squeeze(-1).tolist()
-                kk = max(w for w in want_lp if w is not None)
-                top_v, top_i = composed.topk(max(kk, 1), dim=-1)
-                lp_rows = (lp_vals, top_v.tolist(), top_i.tolist())
+    def _accept(self, blk: _Block, sources: list[Source], stats) -> SpecResult:
+        """3. The accept rule, for every drafted position of every row at once: one target
+        pass over the drafted positions decides, per row, how many drafts it keeps (up to its
+        first rejection); then one more pass gives each row its last token, from the residual
+        `norm(max(0, p - q))` at its rejection or from the target at the position after a fully
+        accepted block (the bonus)."""
+        rows, ks, b, dev = blk.rows, blk.ks, len(blk.rows), self.device
+        sampler = self.sampler
+        # Virtual rows: row i's drafted position j is `offset[i] + j`.
+        vrow = [i for i in range(b) for _ in range(ks[i])]
+        vpos = [j for i in range(b) for j in range(ks[i])]
+        offset = [0] * b
+        for i in range(1, b):
+            offset[i] = offset[i - 1] + ks[i - 1]
+        kept = [0] * b
+        block_composed = None
+        if vrow:
+            bp = sampler.expanded(vrow)
+            vseqs = [rows[i] for i in vrow]
+            parts = self._parts(blk, sources, [(i, j) for i, j in zip(vrow, vpos)])
+            block_composed = combine(len(vrow), [(i, c, lp) for _, i, c, lp in parts])
+            logits, finite = sampler.target_logits(vseqs, parts, block_composed, vpos, bp)
+            p = sampler.probs(logits, bp)
+            vi = torch.tensor(vrow, device=dev)
+            vj = torch.tensor(vpos, device=dev)
+            x = torch.tensor([blk.drafts[i][j] for i, j in zip(vrow, vpos)], device=dev)
+            q = blk.q[vj, vi]  # [nv, V]
+            px = p.gather(1, x.unsqueeze(-1)).squeeze(-1)
+            qx = q.gather(1, x.unsqueeze(-1)).squeeze(-1)
+            u = sampler.noise((len(vrow),), "uniform", bp=bp)
+            ok = (keep_draft(px, qx, u) & finite).tolist()
             for i in range(b):
-                if not open_rows[i]:
-                    continue
-                emitted[i].append(chosen[i])
-                if lp_rows is not None and want_lp[i] is not None:
-                    n = want_lp[i]
-                    pairs = list(zip(lp_rows[2][i][:n], lp_rows[1][i][:n]))
-                    lps[i].append(TokenLogprob(chosen[i], lp_rows[0][i], pairs))
-                else:
-                    lps[i].append(None)
-                if kept[i] and chosen[i] >= 0:
-                    accepted[i] += 1
-                else:
-                    open_rows[i] = False
-            if not any(open_rows):
-                break
+                while kept[i] < ks[i] and ok[offset[i] + kept[i]]:
+                    kept[i] += 1
 
-        # 4. Roll back: each slot keeps t0 and the accepted drafts. A draft slot holds its
-        # history, then x_1 .. x_(k-1): it keeps the accepted ones among those.
-        for i, seq in enumerate(rows):
-            m = len(emitted[i])
-            self.policy.accepted(seq, ks[i], m - 1)
-            for name, s in seq.slots.items():
-                self.runners[name].lengths[s] = start[name][s] + m
-            if not own[i] and ks[i] > 0:
-                kept = seen[i] + min(accepted[i], ks[i] - 1)
-                self.runners[drafters[i]].lengths[slot[i]] = kept
-        last_tokens = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
-        return SpecResult(emitted, lps, last_tokens, ks, accepted)
+        # The last token of each row: the residual at its first rejection, or the bonus.
+        rejected = [i for i in range(b) if kept[i] < ks[i]]
+        bonus = [i for i in range(b) if kept[i] == ks[i]]
+        final_logits = torch.zeros(b, self.vocab, device=dev)
+        final_probs = torch.zeros(b, self.vocab, device=dev)
+        final_composed = torch.zeros(b, self.vocab, device=dev)
+        final_finite = torch.ones(b, dtype=torch.bool, device=dev)
+        if rejected:
+            at = torch.tensor([offset[i] + kept[i] for i in rejected], device=dev)
+            r_index = torch.tensor(rejected, device=dev)
+            final_probs.index_copy_(0, r_index, residual(p.index_select(0, at),
+                                                         q.index_select(0, at)))  # fmt: skip
+            final_logits.index_copy_(0, r_index, logits.index_select(0, at))
+            final_composed.index_copy_(0, r_index, block_composed.index_select(0, at))
+            final_finite.index_copy_(0, r_index, finite.index_select(0, at))
+        if bonus:
+            parts = self._parts(blk, sources, [(i, ks[i]) for i in bonus])
+            parts += self._bonus_parts(blk, bonus, stats)
+            composed = combine(len(bonus), [(i, c, lp) for _, i, c, lp in parts])
+            bp = sampler.expanded(bonus)
+            logits_b, finite_b = sampler.target_logits(
+                [rows[i] for i in bonus], parts, composed, [ks[i] for i in bonus], bp
+            )
+            b_index = torch.tensor(bonus, device=dev)
+            final_probs.index_copy_(0, b_index, sampler.probs(logits_b, bp))
+            final_logits.index_copy_(0, b_index, logits_b)
+            final_composed.index_copy_(0, b_index, composed)
+            final_finite.index_copy_(0, b_index, finite_b)
+        pick = (final_probs / sampler.noise((b, self.vocab), "exponential")).argmax(-1)
+        pick = torch.where(sampler.params.greedy, final_logits.argmax(-1), pick)
+        pick = torch.where(final_finite, pick, torch.full_like(pick, -1))
+        last_tokens = pick.tolist()
 
-    def _rows(self, rows: list[Sequence], name: str, idx: list[int]):
-        """The batch rows `idx` and their coefficients for `name`, as tensors (a part's head)."""
-        index = torch.tensor(idx, device=self.device)
-        coef = torch.tensor(
-            [rows[i].request.req.composition.coeffs[name] for i in idx], device=self.device
-        )
-        return index, coef
+        emitted = [blk.drafts[i][: kept[i]] + [last_tokens[i]] for i in range(b)]
+        lps = self._logprobs(blk, emitted, kept, offset, block_composed, final_composed, pick)
+        last = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
+        return SpecResult(emitted, lps, last, ks, kept)
 
-    def _bonus_parts(self, rows, drafted_by, ks, j, open_rows, t0_list, draft_list, slot, stats):
-        """The drafter's log-probs at position j for the rows whose block is fully accepted
-        there (their bonus token needs the whole composition): one more decode of x_k (t0 for
-        an empty block), made only for rows that got this far."""
+    def _parts(self, blk: _Block, sources: list[Source], at: list[tuple[int, int]]):
+        """The EFT parts (model, rows, coefficients, log-probs) of the target at positions
+        `at` ([(row, position)], one output row each), from the block's log-probs."""
         parts = []
-        for name in set(filter(None, drafted_by)):
-            idx = [i for i in range(len(rows))
-                   if drafted_by[i] == name and ks[i] == j and open_rows[i]]  # fmt: skip
-            if not idx:
-                continue
-            tokens = [draft_list[i][j - 1] if j else t0_list[i] for i in idx]
+        where = {}  # row -> the output rows that read it
+        for out_row, (i, _) in enumerate(at):
+            where.setdefault(i, []).append(out_row)
+        for name, idx, lps in sources:
+            out_rows, flat, coef = [], [], []
+            width = lps.shape[1]
+            for r, i in enumerate(idx):
+                for out_row in where.get(i, ()):
+                    j = at[out_row][1]
+                    if j >= width or (j == blk.ks[i] and name == blk.drafted_by(i)):
+                        continue  # the drafter's bonus position comes from `_bonus_parts`
+                    out_rows.append(out_row)
+                    flat.append(r * width + j)
+                    coef.append(blk.rows[i].request.req.composition.coeffs[name])
+            if out_rows:
+                lp = lps.reshape(-1, lps.shape[-1]).index_select(
+                    0, torch.tensor(flat, device=lps.device)
+                )
+                parts.append((name, torch.tensor(out_rows, device=self.device),
+                              torch.tensor(coef, device=self.device), lp))  # fmt: skip
+        return parts
+
+    def _bonus_parts(self, blk: _Block, bonus: list[int], stats):
+        """The drafter's log-probs at the bonus position of the fully accepted rows that it
+        drafted for as part of their composition: one more decode, of x_k (t0 for an empty
+        block), made only for rows that got this far."""
+        parts = []
+        for name in set(filter(None, (blk.drafted_by(i) for i in bonus))):
+            at = [(n, i) for n, i in enumerate(bonus) if blk.drafted_by(i) == name]
+            tokens = [blk.drafts[i][blk.ks[i] - 1] if blk.ks[i] else blk.t0[i] for _, i in at]
             runner = self.runners[name]
             t = time.perf_counter()
-            logits = runner.decode([slot[i] for i in idx], torch.tensor(tokens))
+            logits = runner.decode([blk.slot[i] for _, i in at], torch.tensor(tokens))
             stats.add_forward(runner.name, t)
-            index, coef = self._rows(rows, name, idx)
-            parts.append((name, index, coef, log_probs(logits.to(self.device), self.vocab)))
+            coef = [blk.rows[i].request.req.composition.coeffs[name] for _, i in at]
+            parts.append((
+                name, torch.tensor([n for n, _ in at], device=self.device),
+                torch.tensor(coef, device=self.device),
+                log_probs(logits.to(self.device), self.vocab),
+            ))  # fmt: skip
         return parts
+
+    def _logprobs(self, blk, emitted, kept, offset, block_composed, final_composed, pick):
+        """Each emitted token's composed log-prob and top alternatives, for rows asking."""
+        rows, b = blk.rows, len(blk.rows)
+        want = [s.params.logprobs for s in rows]
+        if all(w is None for w in want):
+            return [[None] * len(e) for e in emitted]
+        k = max(1, max(w for w in want if w is not None))
+        final_v = final_composed.gather(1, pick.clamp_min(0).unsqueeze(-1)).squeeze(-1).tolist()
+        final_top = [t.tolist() for t in final_composed.topk(k, dim=-1)]
+        if block_composed is not None:
+            x = torch.tensor([d for i in range(b) for d in blk.drafts[i][: blk.ks[i]]],
+                             device=self.device)  # fmt: skip
+            block_v = block_composed.gather(1, x.unsqueeze(-1)).squeeze(-1).tolist()
+            block_top = [t.tolist() for t in block_composed.topk(k, dim=-1)]
+        out: list[list[TokenLogprob | None]] = []
+        for i in range(b):
+            n = want[i]
+            if n is None:
+                out.append([None] * len(emitted[i]))
+                continue
+            row = []
+            for j, tok in enumerate(emitted[i]):
+                if j < kept[i]:
+                    v = offset[i] + j
+                    val, (tv, ti) = block_v[v], (block_top[0][v], block_top[1][v])
+                else:
+                    val, (tv, ti) = final_v[i], (final_top[0][i], final_top[1][i])
+                row.append(TokenLogprob(tok, val, list(zip(ti[:n], tv[:n]))))
+            out.append(row)
+        return out
+
+    def _roll_back(self, blk: _Block, result: SpecResult) -> None:
+        """4. Each slot keeps t0 and the accepted drafts. A draft slot holds its history, then
+        x_1 .. x_(k-1): it keeps the accepted ones among those."""
+        for i, seq in enumerate(blk.rows):
+            m, k = len(result.tokens[i]), blk.ks[i]
+            self.policy.accepted(seq, k, m - 1)
+            for name, s in seq.slots.items():
+                self.runners[name].lengths[s] = blk.start[name][s] + m
+            if not blk.own[i] and k > 0:
+                kept = blk.seen[i] + min(result.accepted[i], k - 1)
+                self.runners[blk.drafters[i]].lengths[blk.slot[i]] = kept
