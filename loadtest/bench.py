@@ -16,8 +16,8 @@ One run measures, on the same models and machine:
   separate merged models / as adapters of the reference (one forward for the reference and its
   adapters), at batch 1 and 16, and adapter_forward_ratio_b1/_b16 the same for the forward
   time of the reference and experts alone (`loadtest.adapter_bench`);
-- spec_speedup_b1, spec_acceptance, spec_speedup_c16: speculative EFT vs off
-  (`loadtest.spec_bench`);
+- spec_speedup_b1, spec_acceptance, spec_speedup_c16: speculative EFT vs off, on the demo
+  family (trained experts; `loadtest.spec_bench`);
 - memory: peak server RSS per phase, per-model KV bytes at the peak, KV bytes once idle, and
   rss_growth = RSS after 1,000 requests / after 100.
 The bench builds its family, starts `eft-serve` itself on a free loopback port and stops it.
@@ -48,13 +48,10 @@ from loadtest.prom import histogram_mean_delta
 from loadtest.prompts import mixed_workload
 from loadtest.runner import LoadConfig, LoadRun, run_load
 from loadtest.server_proc import BenchServer, MemoryMonitor
-from loadtest.spec_bench import compare_all
+from loadtest.spec_bench import DEMO, compare_all, eval_prompts
 
 # Up-scaling, the paper's headline: one expert at weight 1 (harmless explicitly off).
 EFT_KNOBS = {"helpful": 1.0, "harmless": 0.0}
-SPEC_WORDS = ("the river", "the capital", "the king", "the grain", "the salt", "the queen",
-              "the city", "the export", "the copper", "the wool", "the year", "the answer",
-              "the south", "the help", "the question", "the founder")  # fmt: skip
 LEVELS = (1, 2, 4, 8, 16, 32)
 MIXED_SEED = 0  # the mixed workload vs static batches; MIXED_SEED + 1: the Poisson run's
 
@@ -288,6 +285,20 @@ def run_server_benches(
     return out
 
 
+def speculative_on_demo(plan: Plan) -> dict:
+    """Speculative EFT against `off` on the demo family, whose trained experts agree with the
+    up-scaled model as real ones do (a random family's acceptance means nothing): its eval
+    set's chat questions, batch 1 greedy and at temperature 1, and 16 concurrent with `auto`."""
+    from decoding.family import load_family
+
+    log("speculative EFT vs off, demo family: batch 1 (greedy, temperature 1), 16 concurrent")
+    demo = load_family(str(DEMO), device="cpu", dtype="float32")
+    prompts = eval_prompts(DEMO, 16 if plan.name == "quick" else 24)
+    spec = compare_all(demo, prompts, "4", 48, reps=1 if plan.name == "quick" else 2)
+    log("  " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in spec.items()))
+    return spec
+
+
 def in_process(plan: Plan, family_yaml: Path) -> dict:
     """What runs the models in this process, with the family loaded once: the naive baselines
     (one request at a time, and static batches of the mixed workload), each model's decode step
@@ -318,10 +329,7 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
             "  engine decode step: "
             + ", ".join(f"batch {b} {1000 * v:.2f} ms" for b, v in engine_steps.items())
         )
-        log("speculative EFT vs off: batch 1 (greedy, temperature 1) and 16 concurrent (auto)")
-        spec_prompts = [[{"role": "user", "content": f"{w} of the north"}] for w in SPEC_WORDS]
-        spec = compare_all(family, spec_prompts, "4", plan.max_tokens, reps=1)
-        log("  " + ", ".join(f"{k} {v['ratio']:.2f}x" for k, v in spec.items()))
+        spec = speculative_on_demo(plan)
         log("LoRA experts as adapters of the reference vs as separate merged models")
         adapters = compare_adapters(family_yaml, max_tokens=plan.max_tokens, rounds=2)
         log(f"  step ratio batch 1 {adapters['ratio_b1']:.2f}x, 16 {adapters['ratio_b16']:.2f}x")

@@ -1,6 +1,7 @@
 """Speculative EFT vs plain decoding on the same engine, side by side (no HTTP).
 
     python -m loadtest.spec_bench [--config FAMILY.yaml] [--questions 24] [--max-tokens 48]
+                                  [--device cuda --dtype bfloat16]
 
 On the demo family (default), chat prompts from its eval set, up-scaling knobs
 (`helpful` 1, the family's default filter):
@@ -107,6 +108,12 @@ def compare_all(family, prompts, block: str, max_tokens: int, reps: int = 2) -> 
     }
 
 
+def eval_prompts(config: str | Path, n: int) -> list[list[dict]]:
+    """The first `n` questions of the eval set next to a family YAML, as chat messages."""
+    evalset = json.loads((Path(config).parent / "eval_set.json").read_text())
+    return [[{"role": "user", "content": q["question"]}] for q in evalset["questions"][:n]]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m loadtest.spec_bench",
                                  description=__doc__.split("\n\n")[0])  # fmt: skip
@@ -117,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--block", default="4", help="block length K for the batch-1 runs")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the family's)")
+    ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                    help="model dtype (default: the family's)")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    family = load_family(args.config)
-    evalset = json.loads((Path(args.config).parent / "eval_set.json").read_text())
-    questions = [q["question"] for q in evalset["questions"][: args.questions]]
-    prompts = [[{"role": "user", "content": q}] for q in questions]
+    family = load_family(args.config, device=args.device, dtype=args.dtype)
+    prompts = eval_prompts(args.config, args.questions)
     print(f"command: python -m loadtest.spec_bench {' '.join(argv or sys.argv[1:])}".rstrip())
     res = compare_all(family, prompts, args.block, args.max_tokens)
     for key, r in res.items():
