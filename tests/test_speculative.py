@@ -29,12 +29,14 @@ async def collect(engine, req):
     out: dict[int, dict] = {}
     async for ev in engine.submit(req):
         s = out.setdefault(
-            ev.index, {"tokens": [], "lps": [], "text": "", "finish": None, "blocks": []}
+            ev.index,
+            {"tokens": [], "lps": [], "top": [], "text": "", "finish": None, "blocks": []},
         )
         s["tokens"] += ev.token_ids
         if ev.spec_drafted:
             s["blocks"].append((ev.spec_drafted, ev.spec_accepted))
         s["lps"] += [lp.logprob for lp in ev.logprobs or []]
+        s["top"] += [lp.top for lp in ev.logprobs or []]
         s["text"] += ev.text
         s["finish"] = ev.finish_reason or s["finish"]
     return out
@@ -62,7 +64,7 @@ def test_greedy_output_is_identical_with_speculation(tiny_family, knobs):
     async def jobs(engine):
         first = [
             asyncio.create_task(collect(engine, request(
-                tiny_family, f"r{i}", p, knobs, max_tokens=12, temperature=0, logprobs=0,
+                tiny_family, f"r{i}", p, knobs, max_tokens=12, temperature=0, logprobs=3,
                 ignore_eos=True)))
             for i, p in enumerate(PROMPTS[:2])
         ]  # fmt: skip
@@ -70,7 +72,7 @@ def test_greedy_output_is_identical_with_speculation(tiny_family, knobs):
             await asyncio.sleep(0.002)
         await asyncio.sleep(0.01)  # the next one joins while blocks are in flight
         late = await collect(engine, request(
-            tiny_family, "late", PROMPTS[2], knobs, max_tokens=9, temperature=0, logprobs=0,
+            tiny_family, "late", PROMPTS[2], knobs, max_tokens=9, temperature=0, logprobs=2,
             ignore_eos=True))  # fmt: skip
         return [await t for t in first] + [late]
 
@@ -80,6 +82,13 @@ def test_greedy_output_is_identical_with_speculation(tiny_family, knobs):
     for a, b in zip(plain, spec):
         assert a[0]["tokens"] == b[0]["tokens"] and a[0]["text"] == b[0]["text"]
         torch.testing.assert_close(torch.tensor(a[0]["lps"]), torch.tensor(b[0]["lps"]),
+                                   atol=1e-4, rtol=0)  # fmt: skip
+        # The top alternatives at every position, drafted, bonus or resampled, as well.
+        assert [[t for t, _ in top] for top in a[0]["top"]] == [
+            [t for t, _ in top] for top in b[0]["top"]
+        ]
+        torch.testing.assert_close(torch.tensor([[v for _, v in top] for top in a[0]["top"]]),
+                                   torch.tensor([[v for _, v in top] for top in b[0]["top"]]),
                                    atol=1e-4, rtol=0)  # fmt: skip
 
 
