@@ -266,15 +266,15 @@ def test_min_tokens_bans_and_filters_inside_blocks_match_plain_decoding(tiny_fam
 def exact_top_k(family, coeffs, ids, k, steps) -> dict[tuple[int, ...], float]:
     """The exact distribution of the next `steps` tokens under top-k sampling at temperature 1
     (k^steps sequences)."""
+
     def nxt(seq):
-        total = sum(
-            c * torch.log_softmax(
-                family.models[m].module(torch.tensor([seq])).logits[0, -1][: family.vocab_size]
-                .float(), -1).clamp_min(-1e4)
-            for m, c in coeffs.items()
-        )
+        total = 0
+        for m, c in coeffs.items():
+            logits = family.models[m].module(torch.tensor([seq])).logits[0, -1]
+            lp = torch.log_softmax(logits[: family.vocab_size].float(), -1)
+            total = total + c * lp.clamp_min(-1e4)
         top = torch.log_softmax(total, -1).topk(k)
-        return zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist())  # fmt: skip
+        return zip(top.indices.tolist(), torch.softmax(top.values, -1).tolist())
 
     out: dict[tuple[int, ...], float] = {(): 1.0}
     for _ in range(steps):
