@@ -8,7 +8,10 @@ On the demo family (default), chat prompts from its eval set, up-scaling knobs
 - batch 1, one request at a time: output tokens/s with `--speculative K` (block up to K) and
   with `off`, greedy and at temperature 1; greedy outputs must be identical;
 - 16 concurrent: `auto` against `off` (auto speculates only where it measures faster).
-Each pair alternates runs (off, spec, off, spec) so load drift hits both; prints the ratios,
+Each comparison runs on one engine, its plain side being the same requests opted out of
+speculation (`"speculative": false`), and alternates the two sides question by question at
+batch 1 and run by run at 16 concurrent, so a machine that slows down for a while slows both
+(`auto` keeps what it measured from one run to the next, as a server does). Prints the ratios,
 the acceptance rate (accepted / drafted tokens) and the command. Where the time goes, from the
 engine's own step statistics: `forward_ratio`, the models' forward seconds per token of the
 decode steps without / with speculation (the ratio if nothing but forwards cost time), and
@@ -37,11 +40,12 @@ DEMO = Path(__file__).resolve().parent.parent / "demo" / "family" / "family.yaml
 
 class Counts:
     def __init__(self) -> None:
-        self.drafted = self.accepted = 0
+        self.drafted = self.accepted = self.generated = 0
         self.decode_forward = self.decode_tokens = 0.0  # steps that only decode
         self.prefill_seconds = self.seconds = 0.0
 
     def __call__(self, s: StepStats) -> None:
+        self.generated += s.generated_tokens
         self.drafted += s.spec_draft_tokens
         self.accepted += s.spec_accepted_tokens
         self.seconds += s.step_seconds
@@ -55,31 +59,59 @@ class Counts:
         return self.decode_forward / max(self.decode_tokens, 1)
 
 
-async def run(family, mode: str, prompts, max_tokens: int, temperature: float, concurrent: bool):
-    counts = Counts()
-    engine = Engine(family, EngineConfig(speculative=mode, max_batch_size=32), on_step=counts)
+async def _compare(family, spec_mode: str, prompts, max_tokens: int, temperature: float,
+                   concurrent: bool, reps: int):  # fmt: skip
+    """One engine (`--speculative spec_mode`); the plain runs are the same requests opted out
+    of speculation, so both sides run the same code but for speculation itself. Runs
+    alternate (question by question at batch 1, run by run at 16 concurrent), so a machine
+    that slows down for a while slows both."""
+    counts = {"off": Counts(), "spec": Counts(), "warm-up": Counts()}
+    current = ["warm-up"]  # whose steps the engine is running now
+    config = EngineConfig(speculative=spec_mode, max_batch_size=32)
+    engine = Engine(family, config, on_step=lambda s: counts[current[0]](s))
     engine.start()
     comp = make_composition(family, None, {"helpful": 1.0})
 
-    async def one(i: int, messages) -> list[int]:
-        params = SamplingParams(max_tokens=max_tokens, temperature=temperature)
-        req = GenerationRequest(f"r{i}", family.render_chat(messages), comp, params)
+    async def one(rid: str, messages, speculative: bool) -> list[int]:
+        params = SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, speculative=speculative
+        )
+        req = GenerationRequest(rid, family.render_chat(messages), comp, params)
         out: list[int] = []
         async for ev in engine.submit(req):
             out += ev.token_ids
         return out
 
-    try:
-        await one(-1, prompts[0])  # warm-up
+    seconds = {"off": 0.0, "spec": 0.0}
+    outs: dict[str, list] = {"off": [], "spec": []}
+
+    async def timed(key: str, job):
+        current[0] = key
         t0 = time.perf_counter()
-        if concurrent:
-            outs = await asyncio.gather(*[one(i, m) for i, m in enumerate(prompts)])
-        else:
-            outs = [await one(i, m) for i, m in enumerate(prompts)]
-        seconds = time.perf_counter() - t0
+        out = await job
+        seconds[key] += time.perf_counter() - t0
+        current[0] = "warm-up"
+        return out
+
+    def order(n: int) -> tuple[str, str]:
+        return ("off", "spec") if n % 2 == 0 else ("spec", "off")
+
+    try:
+        for speculative in (False, True):
+            await one("warm-up", prompts[0], speculative)
+        for r in range(reps):
+            if concurrent:
+                for key in order(r):
+                    jobs = [one(f"{key}{r}-{i}", m, key == "spec") for i, m in enumerate(prompts)]
+                    outs[key] = await timed(key, asyncio.gather(*jobs))
+            else:
+                outs = {"off": [], "spec": []}
+                for i, m in enumerate(prompts):
+                    for key in order(i + r):
+                        outs[key].append(await timed(key, one(f"{key}{r}-{i}", m, key == "spec")))
     finally:
         await engine.shutdown()
-    return outs, sum(map(len, outs)) / seconds, counts
+    return outs, seconds, counts
 
 
 def compare(
@@ -91,22 +123,20 @@ def compare(
     max_tokens: int,
     reps: int = 2,
 ) -> dict:
-    """Output tokens/s with `speculative=spec_mode` against `off`, runs alternating; the best run
-    of each counts. Greedy runs also say whether the outputs were identical."""
-    best = {"off": 0.0, "spec": 0.0}
-    outs: dict[str, list] = {}
-    counts: dict[str, Counts] = {}
-    for _ in range(reps):
-        for key, mode in (("off", "off"), ("spec", spec_mode)):
-            o, tps, c = asyncio.run(run(family, mode, prompts, max_tokens, temperature, concurrent))
-            if tps > best[key]:
-                best[key], counts[key] = tps, c
-            outs[key] = o
+    """Output tokens/s with speculation (`spec_mode`) against without, over `reps` rounds of
+    alternating runs. Greedy runs also say whether the outputs were identical."""
+    outs, seconds, counts = asyncio.run(
+        _compare(family, spec_mode, prompts, max_tokens, temperature, concurrent, reps)
+    )
     spec, off = counts["spec"], counts["off"]
+    tok_s = {
+        key: (off if key == "off" else spec).generated / max(seconds[key], 1e-12)
+        for key in ("off", "spec")
+    }
     res = {
-        "off_tok_s": best["off"],
-        "spec_tok_s": best["spec"],
-        "ratio": best["spec"] / best["off"] if best["off"] else 0.0,
+        "off_tok_s": tok_s["off"],
+        "spec_tok_s": tok_s["spec"],
+        "ratio": tok_s["spec"] / tok_s["off"] if tok_s["off"] else 0.0,
         "acceptance": spec.accepted / spec.drafted if spec.drafted else 0.0,
         "forward_ratio": off.forward_per_token() / max(spec.forward_per_token(), 1e-12),
         "prefill_share": off.prefill_seconds / max(off.seconds, 1e-12),
