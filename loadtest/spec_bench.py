@@ -138,6 +138,7 @@ def compare(
         "spec_tok_s": tok_s["spec"],
         "ratio": tok_s["spec"] / tok_s["off"] if tok_s["off"] else 0.0,
         "acceptance": spec.accepted / spec.drafted if spec.drafted else 0.0,
+        "drafted_tokens": {"spec": spec.drafted, "off": off.drafted},
         "forward_ratio": off.forward_per_token() / max(spec.forward_per_token(), 1e-12),
         "prefill_share": off.prefill_seconds / max(off.seconds, 1e-12),
     }

@@ -432,3 +432,17 @@ def test_adapter_bench_times_adapters_against_merged_models(
     for key in ("step_seconds_adapters", "step_seconds_merged"):
         assert set(res[key]) == {1, 16} and all(0 < v < 5 for v in res[key].values())
     assert res["ratio_b16"] == res["step_seconds_merged"][16] / res["step_seconds_adapters"][16]
+
+
+def test_spec_bench_times_both_sides_of_one_engine(tiny_family, one_torch_thread) -> None:
+    from loadtest.spec_bench import compare
+
+    prompts = [[{"role": "user", "content": q}] for q in ("the river city", "north", "salt")]
+    greedy = compare(tiny_family, prompts, "2", 0.0, False, max_tokens=6, reps=1)
+    assert greedy["identical_greedy_output"] is True
+    assert greedy["drafted_tokens"]["spec"] > 0 and greedy["drafted_tokens"]["off"] == 0
+    assert greedy["off_tok_s"] > 0 and greedy["spec_tok_s"] > 0
+    assert greedy["ratio"] == greedy["spec_tok_s"] / greedy["off_tok_s"]
+    assert 0 <= greedy["acceptance"] <= 1 and 0 < greedy["prefill_share"] < 1
+    sampled = compare(tiny_family, prompts, "auto", 1.0, True, max_tokens=6, reps=2)
+    assert "identical_greedy_output" not in sampled and sampled["forward_ratio"] > 0
