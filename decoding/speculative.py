@@ -368,8 +368,7 @@ class SpeculativeDecoder:
 
         emitted = [blk.drafts[i][: kept[i]] + [last_tokens[i]] for i in range(b)]
         lps = self._logprobs(blk, emitted, kept, offset, block_composed, final_composed, pick)
-        last = torch.tensor([max(e[-1], 0) for e in emitted], device=dev)
-        return SpecResult(emitted, lps, last, ks, kept)
+        return SpecResult(emitted, lps, pick.clamp_min(0), ks, kept)
 
     def _parts(self, blk: _Block, sources: list[Source], at: list[tuple[int, int]]):
         """The EFT parts (model, rows, coefficients, log-probs) of the target at positions
