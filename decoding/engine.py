@@ -411,6 +411,9 @@ class Engine:
         stats.spec_draft_tokens = sum(result.drafted)
         stats.spec_accepted_tokens = sum(result.accepted)
         stats.spec_num_drafts = sum(1 for k in result.drafted if k > 0)
+        stats.spec_blocks = [
+            (d, k, a) for d, k, a in zip(drafters, result.drafted, result.accepted) if k > 0
+        ]
 
     # ---------------------------------------------------------------- prefill
 

@@ -169,6 +169,8 @@ class StepStats:
     spec_draft_tokens: int = 0  # speculative decoding: tokens drafted this step
     spec_accepted_tokens: int = 0  # ... and accepted by the verification
     spec_num_drafts: int = 0  # ... and blocks drafted (rows that speculated; one verify each)
+    # ... and per block: (the model that drafted it, tokens drafted, tokens accepted)
+    spec_blocks: list[tuple[str, int, int]] = field(default_factory=list)
     # The `auto` policy's measured seconds per token without / with speculation at this step's
     # batch size, once it has measured both there (None otherwise).
     spec_speedup: float | None = None

@@ -60,6 +60,8 @@ E2E_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 512)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+# A block's accepted share: blocks are at most 8 tokens, so eighths (0 = rejected at once).
+ACCEPTANCE_BUCKETS = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
 
 class ServerMetrics:
@@ -129,6 +131,11 @@ class ServerMetrics:
             "eft_spec_decode_num_drafts",
             "Blocks drafted (one per speculating row and step; each verified in one forward).",
             registry=r)
+        self.spec_acceptance = Histogram(
+            "eft_spec_decode_acceptance_rate",
+            "Accepted / drafted tokens of one block, by the model that drafted it (how far the "
+            "up-scaled distribution strays from that expert's).", ["drafter"],
+            buckets=ACCEPTANCE_BUCKETS, registry=r)
         self.spec_speedup = Gauge(
             "eft_spec_decode_measured_speedup",
             "The auto policy's latest measured seconds per token without / with speculation, "
@@ -153,6 +160,10 @@ class ServerMetrics:
             self.model_info.labels(model=m, role=(roles or {}).get(m, "model")).set(1)
         for e in self.experts:
             self.knob_requests.labels(expert=e)
+        self.drafters = {m for m, role in (roles or {}).items() if role in ("expert", "draft")}
+        self.drafters |= set(self.experts)
+        for d in self.drafters:
+            self.spec_acceptance.labels(drafter=d)
 
     @classmethod
     def for_family(cls, family: Any) -> ServerMetrics:
@@ -195,6 +206,9 @@ class ServerMetrics:
         _record_nonzero((self.spec_draft.inc, s.spec_draft_tokens),
                         (self.spec_accepted.inc, s.spec_accepted_tokens),
                         (self.spec_drafts.inc, s.spec_num_drafts))
+        for drafter, drafted, accepted in s.spec_blocks:
+            if drafter in self.drafters:
+                self.spec_acceptance.labels(drafter=drafter).observe(accepted / drafted)
         if s.spec_speedup is not None:
             self.spec_speedup.set(s.spec_speedup)
 

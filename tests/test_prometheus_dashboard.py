@@ -279,8 +279,9 @@ def test_every_dashboard_panel_returns_data(tiny_family_path, tmp_path):
 
         # The speculative panels show sensible figures, not just some data.
         spec = {title: vals for title, vals in results.items() if "Speculative" in title}
-        (acceptance,), = spec["Speculative decoding acceptance rate"]
+        (acceptance,), per_drafter = spec["Speculative decoding acceptance rate"]
         assert 0 <= acceptance <= 1, acceptance
+        assert per_drafter and all(0 <= v <= 1 for v in per_drafter), per_drafter
         (per_round,), (measured,) = spec["Speculative decoding speed-up"]
         assert per_round >= 1 and measured > 0, (per_round, measured)
 

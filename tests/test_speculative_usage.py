@@ -21,6 +21,8 @@ FAMILY = "tiny"
 DRAFTED = "eft_spec_decode_draft_tokens_total"
 ACCEPTED = "eft_spec_decode_accepted_tokens_total"
 DRAFTS = "eft_spec_decode_num_drafts_total"
+BLOCKS = "eft_spec_decode_acceptance_rate_count"  # per drafter: blocks it drafted
+SHARES = "eft_spec_decode_acceptance_rate_sum"  # ... and the sum of their accepted shares
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +41,10 @@ def client(server) -> openai.OpenAI:
 def counters(server) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=5).text
     return {
-        s.name: s.value
+        s.name + (f"/{s.labels['drafter']}" if "drafter" in s.labels else ""): s.value
         for fam in text_string_to_metric_families(text)
         for s in fam.samples
-        if s.name in (DRAFTED, ACCEPTED, DRAFTS)
+        if s.name in (DRAFTED, ACCEPTED, DRAFTS, BLOCKS, SHARES)
     }
 
 
@@ -85,6 +87,11 @@ def test_usage_reports_drafted_and_accepted_tokens_of_every_choice(server, clien
     assert usage.completion_tokens == 20  # both choices ran to max_tokens
     # Two choices, each at least one verify round (blocks of at most 2 tokens).
     assert after[DRAFTS] - before[DRAFTS] >= 2
+    # Every block is in the helpful expert's acceptance histogram (it drafted them all).
+    blocks = after[f"{BLOCKS}/helpful"] - before[f"{BLOCKS}/helpful"]
+    assert blocks == after[DRAFTS] - before[DRAFTS]
+    assert after[f"{BLOCKS}/harmless"] == before[f"{BLOCKS}/harmless"]
+    assert 0 <= after[f"{SHARES}/helpful"] - before[f"{SHARES}/helpful"] <= blocks
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
