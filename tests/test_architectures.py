@@ -12,6 +12,7 @@ Greedy tokens and log-probs must equal an independent full-sequence EFT computat
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -120,10 +121,13 @@ async def completion(client, family, prompt: str, knobs: dict, max_tokens: int) 
     return r.json()["choices"][0]
 
 
+@pytest.mark.parametrize("speculative", ["off", "3"], ids=["plain", "speculative"])
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 async def test_served_greedy_eft_equals_full_sequence_computation(
-    model_type, tokenizer, tmp_path, serve_app
+    model_type, speculative, tokenizer, tmp_path, serve_app
 ):
+    """Plain decoding, and speculation forced on (blocks of up to 3 verified by multi-token
+    forwards that cross the sliding window), against full-sequence forwards."""
     family = load_family(build_family(tmp_path, model_type, tokenizer))
     windows = attention_windows(family.models["large-base"].module)
     if "sliding_window" in ARCHITECTURES[model_type]:
@@ -133,13 +137,16 @@ async def test_served_greedy_eft_equals_full_sequence_computation(
         ("north", {"helpful": 0.5}, 16),
         ("a queen of wool and grain from the south", {"helpful": 2.0}, 10),
     ]
-    cfg = EngineConfig(max_batch_size=4, max_num_batched_tokens=6)
+    cfg = EngineConfig(max_batch_size=4, max_num_batched_tokens=6, speculative=speculative)
     async with serve_app(family, cfg, ServerSettings()) as s:
         first = [asyncio.create_task(completion(s.client, family, *p)) for p in prompts[:2]]
         while s.engine.scheduler.running == []:  # join the third while the others decode
             await asyncio.sleep(0.005)
         late = await completion(s.client, family, *prompts[2])
         choices = [*(await asyncio.gather(*first)), late]
+        metrics = (await s.client.get("/metrics")).text
+    drafted = re.search(r"^eft_spec_decode_draft_tokens_total (\S+)$", metrics, re.M)
+    assert (float(drafted.group(1)) > 0) == (speculative != "off")
     for (prompt, knobs, max_tokens), choice in zip(prompts, choices):
         ids = tokenizer.encode(prompt)
         assert len(ids) + max_tokens > WINDOW
