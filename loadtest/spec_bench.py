@@ -25,11 +25,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from decoding.composition import make_composition
 from decoding.engine import Engine, EngineConfig
@@ -164,6 +167,53 @@ def compare_all(family, prompts, block: str, max_tokens: int, reps: int = 2) -> 
     }
 
 
+def deepen_base(config: str | Path, layers: int, out_dir: Path) -> Path:
+    """A copy of the family (a YAML in `out_dir`, the other models where they are) whose base
+    has `layers` decoder layers: its own, then identity layers, whose attention and MLP output
+    projections are zero, so each adds exactly nothing to the residual stream. The base
+    computes the same function, its tokens and log-probs are unchanged, and a forward costs
+    more: a cost ratio between the base and the small models like a real family's, with the
+    demo's trained acceptance."""
+    from transformers import AutoModelForCausalLM
+
+    config = Path(config)
+    cfg = yaml.safe_load(config.read_text())
+    root = config.parent
+    cfg["models"] = {
+        name: {**spec, "path": str((root / spec["path"]).resolve())}
+        for name, spec in cfg["models"].items()
+    }
+    src = Path(cfg["models"][cfg["base"]]["path"])
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    own = model.config.num_hidden_layers
+    if layers <= own:
+        raise SystemExit(f"--base-layers must exceed the base's own {own} layers")
+    model.config.num_hidden_layers = layers
+    deep = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32)
+    deep.load_state_dict(model.state_dict(), strict=False)  # embeddings, own layers, head
+    with torch.no_grad():
+        for layer in deep.model.layers[own:]:
+            try:
+                outputs = (layer.self_attn.o_proj, layer.mlp.down_proj)
+            except AttributeError as exc:
+                raise SystemExit(f"--base-layers needs a Llama-like base ({exc})") from exc
+            for linear in outputs:
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+    target = out_dir / "deep-base"
+    deep.save_pretrained(target)
+    for f in src.iterdir():  # tokenizer and chat template
+        if f.is_file() and not f.name.startswith(("model", "config", "generation_config")):
+            shutil.copy(f, target / f.name)
+    cfg["models"][cfg["base"]]["path"] = str(target)
+    if (root / "eval_set.json").exists():
+        shutil.copy(root / "eval_set.json", out_dir / "eval_set.json")
+    path = out_dir / "family.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
 def eval_prompts(config: str | Path, n: int) -> list[list[dict]]:
     """The first `n` questions of the eval set next to a family YAML, as chat messages."""
     evalset = json.loads((Path(config).parent / "eval_set.json").read_text())
@@ -183,13 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the family's)")
     ap.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                     help="model dtype (default: the family's)")  # fmt: skip
+    ap.add_argument("--base-layers", type=int, default=None, metavar="N",
+                    help="pad the base to N layers with identity layers: the same outputs "
+                    "at a higher cost per forward, as a large base costs against small "
+                    "models")  # fmt: skip
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    family = load_family(args.config, device=args.device, dtype=args.dtype)
-    prompts = eval_prompts(args.config, args.questions)
     print(f"command: python -m loadtest.spec_bench {' '.join(argv or sys.argv[1:])}".rstrip())
-    res = compare_all(family, prompts, args.block, args.max_tokens)
+    with tempfile.TemporaryDirectory(prefix="eft-spec-") as tmp:
+        config = args.config
+        if args.base_layers:
+            config = deepen_base(config, args.base_layers, Path(tmp))
+        family = load_family(config, device=args.device, dtype=args.dtype)
+        prompts = eval_prompts(config, args.questions)
+        res = compare_all(family, prompts, args.block, args.max_tokens)
     for key, r in res.items():
         same = r.get("identical_greedy_output")
         print(f"  {key:18s} off {r['off_tok_s']:7.1f} tok/s   speculative {r['spec_tok_s']:7.1f}"

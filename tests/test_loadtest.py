@@ -446,3 +446,24 @@ def test_spec_bench_times_both_sides_of_one_engine(tiny_family, one_torch_thread
     assert 0 <= greedy["acceptance"] <= 1 and 0 < greedy["prefill_share"] < 1
     sampled = compare(tiny_family, prompts, "auto", 1.0, True, max_tokens=6, reps=2)
     assert "identical_greedy_output" not in sampled and sampled["forward_ratio"] > 0
+
+
+def test_a_deepened_base_computes_the_same_function_at_a_higher_cost(
+    tiny_family_path, tmp_path, one_torch_thread
+) -> None:
+    import torch
+    import yaml
+
+    from decoding.family import load_family
+    from loadtest.spec_bench import deepen_base
+
+    path = deepen_base(tiny_family_path, 5, tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    assert cfg["models"]["large-base"]["path"] == str(tmp_path / "deep-base")
+    assert Path(cfg["models"]["helpful"]["path"]) == Path(tiny_family_path).parent / "helpful"
+    deep = load_family(path).models["large-base"].module
+    base = load_family(tiny_family_path).models["large-base"].module
+    assert deep.config.num_hidden_layers == 5 > base.config.num_hidden_layers
+    ids = torch.tensor([[1, 5, 9, 33, 70, 2, 8]])
+    with torch.inference_mode():
+        assert torch.equal(deep(ids).logits, base(ids).logits)
