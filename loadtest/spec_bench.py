@@ -1,7 +1,7 @@
 """Speculative EFT vs plain decoding on the same engine, side by side (no HTTP).
 
     python -m loadtest.spec_bench [--config FAMILY.yaml] [--questions 24] [--max-tokens 48]
-                                  [--device cuda --dtype bfloat16]
+                                  [--device cuda --dtype bfloat16] [--base-layers N]
 
 On the demo family (default), chat prompts from its eval set, up-scaling knobs
 (`helpful` 1, the family's default filter):
