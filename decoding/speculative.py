@@ -269,10 +269,6 @@ class SpeculativeDecoder:
         log-probs at x_1 .. x_k are the drafting forwards' (the bonus position's is computed
         only when needed)."""
         rows, b = blk.rows, len(blk.rows)
-        for name, runner in self.runners.items():
-            for i, seq in enumerate(rows):
-                if name in seq.slots and name != blk.drafted_by(i):
-                    runner.lengths[seq.slots[name]] = blk.start[name][seq.slots[name]]
         sources: list[Source] = []
         for name in set(filter(None, map(blk.drafted_by, range(b)))):
             idx = [i for i in range(b) if blk.drafted_by(i) == name]
