@@ -739,50 +739,28 @@ def test_a_failing_prefill_fails_its_request_and_the_engine_serves_on(tiny_famil
     assert all(not r.active for r in runners.values())
 
 
+async def doomed_then_later(family, mode: str, **later):
+    """On a fresh engine (`speculative=mode`): greedy "doomed" (helpful 1, 6 tokens), then
+    "later" on the small base alone; both results and the rows still running at the end."""
+    engine = await started(family, speculative=mode)
+    try:
+        doomed = await collect(engine, request(
+            family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True))
+        after = await collect(engine, request(
+            family, "later", PROMPTS[0], model="small-base", max_tokens=3, **later))
+        return doomed, after, engine.num_running
+    finally:
+        await engine.shutdown()  # fmt: skip
+
+
 def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
     # The token the base model decodes second for this prompt poisons the decode forward
     # (speculation off: a speculative step would verify that token in a multi-token forward).
-    async def greedy():
-        engine = await started(tiny_family, speculative="off")
-        try:
-            return await collect(
-                engine,
-                request(
-                    tiny_family, "probe", PROMPTS[1], {"helpful": 1}, max_tokens=3, ignore_eos=True
-                ),
-            )
-        finally:
-            await engine.shutdown()
-
-    poison = asyncio.run(greedy())[0]["tokens"][1]
-
-    async def go():
-        engine = await started(tiny_family, speculative="off")
-        try:
-            doomed = await collect(
-                engine,
-                request(
-                    tiny_family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True
-                ),
-            )
-            later = await collect(
-                engine,
-                request(
-                    tiny_family,
-                    "later",
-                    PROMPTS[0],
-                    model="small-base",
-                    max_tokens=3,
-                    ignore_eos=True,
-                ),
-            )
-            return doomed, later
-        finally:
-            await engine.shutdown()
-
+    poison = asyncio.run(doomed_then_later(tiny_family, "off"))[0][0]["tokens"][1]
     handle = poison_hook(tiny_family, "large-base", poison, decode_only=True)
     try:
-        doomed, later = asyncio.run(asyncio.wait_for(go(), 60))
+        doomed, later, _ = asyncio.run(asyncio.wait_for(
+            doomed_then_later(tiny_family, "off", ignore_eos=True), 60))  # fmt: skip
     finally:
         handle.remove()
     assert doomed[0]["finish"] == "error" and "injected fault" in doomed[0]["error"]
@@ -793,27 +771,12 @@ def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
 def test_a_failing_speculative_step_fails_its_rows_and_the_engine_serves_on(tiny_family):
     # The large base's verify forward raises on the token it verifies second; a request that
     # does not use the large base (small-base alone) is served afterwards.
-    async def greedy(mode):
-        engine = await started(tiny_family, speculative=mode)
-        try:
-            doomed = await collect(
-                engine,
-                request(
-                    tiny_family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True
-                ),
-            )
-            later = await collect(
-                engine, request(tiny_family, "later", PROMPTS[0], model="small-base", max_tokens=3)
-            )
-            return doomed, later, engine.num_running
-        finally:
-            await engine.shutdown()
-
-    poison = asyncio.run(greedy("off"))[0][0]["tokens"][1]
+    poison = asyncio.run(doomed_then_later(tiny_family, "off"))[0][0]["tokens"][1]
     assert poison not in tiny_family.tokenizer.encode(PROMPTS[1])  # the prefill is unharmed
     handle = poison_hook(tiny_family, "large-base", poison)
     try:
-        doomed, later, running = asyncio.run(asyncio.wait_for(greedy("3"), 60))
+        doomed, later, running = asyncio.run(
+            asyncio.wait_for(doomed_then_later(tiny_family, "3"), 60))  # fmt: skip
     finally:
         handle.remove()
     assert doomed[0]["finish"] == "error" and "injected fault" in doomed[0]["error"]
