@@ -744,13 +744,16 @@ async def doomed_then_later(family, mode: str, **later):
     "later" on the small base alone; both results and the rows still running at the end."""
     engine = await started(family, speculative=mode)
     try:
-        doomed = await collect(engine, request(
-            family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True))
-        after = await collect(engine, request(
-            family, "later", PROMPTS[0], model="small-base", max_tokens=3, **later))
+        doomed = await collect(
+            engine,
+            request(family, "doomed", PROMPTS[1], {"helpful": 1}, max_tokens=6, ignore_eos=True),
+        )
+        after = await collect(
+            engine, request(family, "later", PROMPTS[0], model="small-base", max_tokens=3, **later)
+        )
         return doomed, after, engine.num_running
     finally:
-        await engine.shutdown()  # fmt: skip
+        await engine.shutdown()
 
 
 def test_a_failing_decode_step_fails_the_rows_it_touched_only(tiny_family):
