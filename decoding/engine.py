@@ -36,6 +36,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import FamilyError
 from .family import Family
+from .memory import size_pools
 from .request import (
     Composition,
     EngineDeadError,
@@ -48,8 +49,8 @@ from .request import (
 )
 from .runner import ModelRunner, UnsupportedModelError, unique_runners, weight_groups
 from .sampler import Part, Sampler, prompt_logprobs
-from .scheduler import PrefillChunk, Scheduler
-from .sequence import RequestState, Sequence
+from .scheduler import PrefillChunk, Scheduler, StepPlan
+from .sequence import Prefill, RequestState, Sequence
 from .speculative import SpecPolicy, SpeculativeDecoder, drafter, may_speculate
 
 __all__ = ["Engine", "EngineConfig"]
@@ -93,20 +94,26 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._dead: str | None = None
         # Everything below belongs to the engine thread.
-        self.scheduler = Scheduler(self.config)
         # One runner per set of weights; the entries sharing it (a model and its adapters)
-        # are its members, with their own slots, and run as one forward.
+        # are its members, with their own KV, and run as one forward.
         self.runners: dict[str, ModelRunner] = {}
         for names in weight_groups(family):
             try:
-                runner = ModelRunner(
-                    [family.models[n] for n in names], self.config.max_batch_size * len(names)
-                )
-                runner.self_check()
+                runner = ModelRunner([family.models[n] for n in names])
             except UnsupportedModelError as exc:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
             self.runners.update(dict.fromkeys(names, runner))
         self.groups = unique_runners(self.runners)  # each runner once, with its members
+        try:
+            size_pools(self.groups, self.config, family.context_limit, family.vocab_size)
+        except ValueError as exc:
+            raise FamilyError(str(exc)) from exc
+        for runner, names in self.groups:
+            try:
+                runner.self_check()
+            except UnsupportedModelError as exc:
+                raise FamilyError(f"model {names[0]!r}: {exc}") from exc
+        self.scheduler = Scheduler(self.config, self.runners)
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
         )
@@ -120,8 +127,9 @@ class Engine:
         self._batch: list[Sequence] = []  # rows of `_last`, the next decode's input tokens
         self._last = torch.zeros(0, dtype=torch.long, device=self.device)
         self._sampler_rows: list[Sequence] = []
-        self._member_rows: list[Sequence] = []
+        self._member_rows: list[Sequence] | None = None
         self._members: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
+        self._runner_index: dict[int, torch.Tensor] = {}  # runner -> its decode rows, in order
 
     # ----------------------------------------------------------------- caller side (asyncio)
 
@@ -247,11 +255,12 @@ class Engine:
             raise RequestValidationError(
                 "prompt log-probs need the same prompt for every model", param="echo"
             )
-        draft = self._draft_for(req)  # its slot comes at the row's first speculative block
-        cost = max(len(req.prompt_ids[m]) for m in models)
-        return RequestState(
-            req, asyncio.get_running_loop(), asyncio.Queue(), models, cost, draft=draft
-        )
+        draft = self._draft_for(req)  # its KV comes at the row's first speculative block
+        state = RequestState(req, asyncio.get_running_loop(), asyncio.Queue(), models, draft=draft)
+        too_big = self.scheduler.fits(state)
+        if too_big is not None:
+            raise RequestValidationError(too_big, param="max_tokens")
+        return state
 
     def _draft_for(self, req: GenerationRequest) -> str | None:
         """The family's draft model, when this request's rows may draft with it from outside
@@ -315,41 +324,28 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One step: prefill chunks and decode rows, sample, post-process, deliver."""
+        """One step: plan, one forward per set of weights (decode rows and prompt chunks
+        together), sample, post-process, deliver."""
         t_start = time.perf_counter()
         plan, admitted = self.scheduler.schedule()
-        self._dequeued(len(admitted))
-        stats = StepStats(batch_size=0, num_running=0, num_waiting=0)
+        self._dequeued(len(admitted) - len(plan.preempted))
+        stats = StepStats(
+            batch_size=0,
+            num_running=0,
+            num_waiting=0,
+            prefix_cache_queries=plan.queries,
+            prefix_cache_hits=plan.hits,
+            preemptions=len(plan.preempted),
+        )
         events: Events = []
-        joined, joined_parts = self._run_prefill(plan.prefill, stats, events)
-        rows = plan.decode + joined
+        self._align(plan.decode)
         # A step speculates when every row can (`eligible`) and the policy says so now.
-        eligible = self._drafters(plan.decode) if not joined and not plan.prefill else None
+        eligible = self._drafters(plan.decode) if not plan.prefill else None
         drafters = eligible if eligible and self.spec_policy.use(len(plan.decode)) else None
         if drafters is not None:
             self._speculate(plan.decode, drafters, stats, events)
-        elif rows:
-            try:
-                parts = self._run_decode(plan.decode, stats) + [
-                    (name, idx + len(plan.decode), coef, lp) for name, idx, coef, lp in joined_parts
-                ]
-                if rows != self._sampler_rows:
-                    self.sampler.prepare(rows)
-                    self._sampler_rows = rows
-                t0 = time.perf_counter()
-                result = self.sampler.sample(rows, parts)
-                stats.combine_seconds = result.combine_seconds
-                stats.sample_seconds = time.perf_counter() - t0 - result.combine_seconds
-            except Exception as exc:  # noqa: BLE001 - a bug or OOM fails these rows, not the server
-                log.exception("engine step failed")
-                events += self._fail_rows(rows, exc)
-            else:
-                eos = self.family.eos_token_ids
-                for i, seq in enumerate(rows):
-                    out = seq.append(result.tokens[i], eos, result.logprobs[i], result.traces[i])
-                    events.append((seq.request, out))
-                self._batch, self._last = rows, result.on_device
-                stats.batch_size = stats.generated_tokens = len(rows)
+        elif not plan.empty:
+            self._plain_step(plan, stats, events)
         self._retire()
         self._deliver(events)
         if eligible:
@@ -361,11 +357,62 @@ class Engine:
             stats.spec_speedup = self.spec_policy.speedup(batch)
         self._finish_stats(stats, events, t_start)
 
+    def _plain_step(self, plan: StepPlan, stats: StepStats, events: Events) -> None:
+        try:
+            decode_logits, full = self._forward(plan, stats)
+        except Exception as exc:  # noqa: BLE001 - a bug or OOM fails this step's requests only
+            log.exception("engine step failed")
+            # The prompts are the likelier cause (new input, more memory): they fail, and the
+            # decode rows are tried once more alone.
+            events += self._fail_prompts(plan, exc)
+            plan.prefill = []
+            try:
+                decode_logits, full = self._forward(plan, stats)
+            except Exception as again:  # noqa: BLE001
+                events += self._fail_rows(plan.decode, again)
+                return
+        joined = self._complete_prefills(plan.prefill, full, events)
+        rows = plan.decode + [seq for seq, _ in joined]
+        if not rows:
+            return
+        try:
+            parts = self._decode_parts(decode_logits)
+            parts += self._first_token_parts(joined, len(plan.decode))
+            if rows != self._sampler_rows:
+                self.sampler.prepare(rows)
+                self._sampler_rows = rows
+            t0 = time.perf_counter()
+            result = self.sampler.sample(rows, parts)
+            stats.combine_seconds = result.combine_seconds
+            stats.sample_seconds = time.perf_counter() - t0 - result.combine_seconds
+        except Exception as exc:  # noqa: BLE001 - a bug or OOM fails these rows, not the server
+            log.exception("engine step failed")
+            events += self._fail_rows(rows, exc)
+            return
+        eos = self.family.eos_token_ids
+        for i, seq in enumerate(rows):
+            out = seq.append(result.tokens[i], eos, result.logprobs[i], result.traces[i])
+            events.append((seq.request, out))
+        self._batch, self._last = rows, result.on_device
+        stats.batch_size = stats.generated_tokens = len(rows)
+
     def _fail_rows(self, rows: list[Sequence], exc: Exception) -> Events:
         """Fail the rows of a step that raised; the next step rebuilds the per-row state."""
-        self._batch, self._sampler_rows = [], []
+        self._batch, self._sampler_rows, self._member_rows = [], [], None
         self._last = self._last[:0]
-        return [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
+        events = [(s.request, s.fail(f"engine step failed: {exc}")) for s in rows]
+        for s in rows:  # their KV may hold what broke (NaN): scrubbed as it is freed
+            self.scheduler.free_row(s, scrub=True)
+        return events
+
+    def _fail_prompts(self, plan: StepPlan, exc: Exception) -> Events:
+        """A forward raised: fail the requests of its prompt chunks."""
+        events: Events = []
+        for state in {id(c.state): c.state for c in plan.prefill}.values():
+            events += self._end_unfinished(state, "error", f"engine step failed: {exc}")
+            self.scheduler.drop_prefilling(state)
+            self._free_targets(state, scrub=True)
+        return events
 
     # ---------------------------------------------------------------- speculation
 
@@ -415,22 +462,128 @@ class Engine:
             (d, k, a) for d, k, a in zip(drafters, result.drafted, result.accepted) if k > 0
         ]
 
-    # ---------------------------------------------------------------- prefill
+    # ---------------------------------------------------------------- the forward
 
-    def _run_prefill(
-        self, chunks: list[PrefillChunk], stats: StepStats, events: Events
-    ) -> tuple[list[Sequence], list[Part]]:
-        """Forward this step's prompt chunks; the rows of prompts completed, with their
-        first-token log-probs as parts (row indices counted from 0 among the new rows)."""
-        if not chunks:
-            return [], []
-        try:
-            full = self._forward_chunks(chunks, stats)
-            done = [c.state for c in chunks if c.last]
-            joined: list[Sequence] = []
-            for state in done:
+    def _forward(
+        self, plan: StepPlan, stats: StepStats
+    ) -> tuple[dict[int, torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
+        """One forward per set of weights over its decode rows (members in order) and the
+        prompt chunks of its members. Returns each runner's decode logits, and the
+        all-position logits of echo-scoring chunks ((model, target) -> [T, V]); the last
+        logits of every chunk go to its target."""
+        members = self._membership(plan.decode)
+        decode_logits: dict[int, torch.Tensor] = {}
+        full: dict[tuple[str, int], torch.Tensor] = {}
+        for runner, names in self.groups:
+            handles: list[int] = []
+            tokens: list[int] = []
+            for n in names:
+                if n in members:
+                    handles += members[n][2]
+                    tokens += members[n][3]
+            n_dec = len(handles)
+            chunks: list[list[int] | None] = [None] * n_dec
+            keep = [False] * n_dec
+            mine: list[tuple[PrefillChunk, str]] = []
+            for c in plan.prefill:
+                for n in names:
+                    if n in c.spans:
+                        start, end = c.spans[n]
+                        handles.append(c.target.slots[n])
+                        chunks.append(c.target.tokens[n][start:end])
+                        keep.append(c.state.params.prompt_logprobs is not None)
+                        mine.append((c, n))
+            if not handles:
+                continue
+            ids = self._last.index_select(0, self._runner_index[id(runner)]) if n_dec else None
+            t0 = time.perf_counter()
+            logits = runner.forward(handles, chunks, ids, keep, tokens)
+            stats.add_forward(runner.name, t0)
+            if n_dec:
+                decode_logits[id(runner)] = logits[:n_dec]
+            at = n_dec
+            for (c, n), k in zip(mine, keep[n_dec:]):
+                start, end = c.spans[n]
+                width = end - start if k else 1
+                c.target.last_logits[n] = logits[at + width - 1]
+                if k:
+                    full[(n, id(c.target))] = logits[at : at + width]
+                at += width
+        stats.prompt_tokens += sum(c.tokens for c in plan.prefill)
+        return decode_logits, full
+
+    def _decode_parts(self, decode_logits: dict[int, torch.Tensor]) -> list[Part]:
+        """The decode rows' log-probs per model: one log-softmax per runner, split by member."""
+        parts: list[Part] = []
+        for runner, names in self.groups:
+            logits = decode_logits.get(id(runner))
+            if logits is None:
+                continue
+            lp = log_probs(logits.to(self.device), self.vocab_size)
+            at = 0
+            for n in names:
+                if n in self._members:
+                    idx, coef, slots, _ = self._members[n]
+                    parts.append((n, idx, coef, lp[at : at + len(slots)]))
+                    at += len(slots)
+        return parts
+
+    def _membership(self, rows: list[Sequence]) -> dict:
+        """Per model: the batch rows that use it, their coefficients, their KV handles and
+        their pending tokens; rebuilt when the rows change (the tokens every step)."""
+        if rows != self._member_rows:
+            out = {}
+            for name in self.runners:
+                idx = [i for i, s in enumerate(rows) if name in s.slots]
+                if idx:
+                    coeffs = [rows[i].request.req.composition.coeffs[name] for i in idx]
+                    out[name] = (
+                        torch.tensor(idx, device=self.device),
+                        torch.tensor(coeffs, dtype=torch.float32, device=self.device),
+                        [rows[i].slots[name] for i in idx],
+                        idx,
+                    )
+            self._members, self._member_rows = out, list(rows)
+            self._runner_index = {
+                id(runner): torch.cat([out[n][0] for n in names if n in out])
+                for runner, names in self.groups
+                if any(n in out for n in names)
+            }
+        # The host ids of the pending tokens (the prefix cache keys blocks by them).
+        return {
+            n: (idx, coef, slots, [rows[i].output[-1] for i in pos])
+            for n, (idx, coef, slots, pos) in self._members.items()
+        }
+
+    def _align(self, rows: list[Sequence]) -> None:
+        """Keep `_last` (the pending tokens on the device) in the order of this step's rows
+        after rows finished or were preempted."""
+        if rows == self._batch:
+            return
+        where = {id(s): i for i, s in enumerate(self._batch)}
+        index = torch.tensor([where[id(s)] for s in rows], dtype=torch.long, device=self.device)
+        self._last = self._last.index_select(0, index)
+        self._batch = list(rows)
+
+    # ---------------------------------------------------------------- prompts
+
+    def _complete_prefills(
+        self, chunks: list[PrefillChunk], full: dict, events: Events
+    ) -> list[tuple[Sequence, dict[str, torch.Tensor]]]:
+        """The rows of requests whose prefill this step completed, each with its models'
+        last logits (their first token's, or a resumed row's next)."""
+        joined: list[tuple[Sequence, dict[str, torch.Tensor]]] = []
+        for state in {id(c.state): c.state for c in chunks if c.last}.values():
+            self.scheduler.drop_prefilling(state)
+            if state.resumed:
+                rows = [(t.row, t.last_logits) for t in state.targets]
+                for t in state.targets:
+                    t.row.slots = t.slots
+                state.resumed, state.targets = [], []
+            else:
+                target = state.targets[0]
                 if state.params.prompt_logprobs is not None:
-                    lps = {m: full[(m, id(state))] for m in state.models}
+                    lps = {m: full[(m, id(target))] for m in state.models}
                     state.prompt_lp, state.prompt_trace = prompt_logprobs(
                         state.req.prompt_ids[state.models[0]],
                         state.req.composition.coeffs,
@@ -439,76 +592,32 @@ class Engine:
                         self.vocab_size,
                         self.device,
                     )
-                self.scheduler.drop_prefilling(state)
                 if state.params.max_tokens == 0:
-                    events += self._finish_unstarted(state, "length")
-                    self._free_request(state)
+                    events += self._end_unfinished(state, "length")
+                    self._free_targets(state)
                     continue
-                rows = self._new_rows(state)
-                self.scheduler.joined(state, rows)
-                joined += rows
-            return joined, self._first_token_parts(joined)
-        except Exception as exc:  # noqa: BLE001 - fails the prompts of this step only
-            log.exception("prefill failed")
-            for c in chunks:
-                state = c.state
-                self.scheduler.drop_prefilling(state)
-                for seq in [s for s in self.scheduler.running if s.request is state]:
-                    seq.finished = True
-                    self._free_row(seq)
-                self.scheduler.retire()
-                self._free_request(state)
-                events += self._finish_unstarted(state, "error", f"engine step failed: {exc}")
-            return [], []
+                try:
+                    rows = [(s, target.last_logits) for s in self._new_rows(state, target)]
+                except Exception as exc:  # noqa: BLE001 - e.g. no block for a sibling's copy
+                    log.exception("starting the rows of %s failed", state.rid)
+                    events += self._end_unfinished(state, "error", f"engine step failed: {exc}")
+                    self._free_targets(state)
+                    continue
+                state.targets = []
+            self.scheduler.joined(state, [s for s, _ in rows])
+            joined += rows
+        return joined
 
-    def _forward_chunks(self, chunks: list[PrefillChunk], stats: StepStats) -> dict:
-        """One forward per set of weights over its members' chunks; keeps each completed
-        model's last logits. Returns the all-position logits of echo-scoring requests:
-        (model, request) -> [T, V]."""
-        full: dict[tuple[str, int], torch.Tensor] = {}
-        for runner, names in self.groups:
-            mine = {n: [c for c in chunks if n in c.spans] for n in names}
-            mine = {n: cs for n, cs in mine.items() if cs}
-            if not mine:
-                continue
-            for name, cs in mine.items():
-                for c in cs:
-                    if name not in c.state.slots:
-                        c.state.slots[name] = runner.allocate(name)
-            keep_all = any(c.state.params.prompt_logprobs is not None
-                           for cs in mine.values() for c in cs)  # fmt: skip
-            calls = {
-                name: (
-                    [c.state.slots[name] for c in cs],
-                    [c.state.req.prompt_ids[name][slice(*c.spans[name])] for c in cs],
-                )
-                for name, cs in mine.items()
-            }
-            t0 = time.perf_counter()
-            out = runner.prefill_many(calls, keep_all)
-            stats.add_forward(runner.name, t0)
-            for name, cs in mine.items():
-                for j, c in enumerate(cs):
-                    start, end = c.spans[name]
-                    c.state.cursor[name] = end
-                    c.state.last_logits[name] = (
-                        out[name][j, end - start - 1] if keep_all else out[name][j]
-                    )
-                    if c.state.params.prompt_logprobs is not None:
-                        full[(name, id(c.state))] = out[name][j, : end - start]
-        stats.prompt_tokens += sum(c.tokens for c in chunks)
-        return full
-
-    def _new_rows(self, state: RequestState) -> list[Sequence]:
-        """The n sibling rows of a prompt just completed: the first keeps the prefill slots,
-        the others get copies of them."""
+    def _new_rows(self, state: RequestState, target: Prefill) -> list[Sequence]:
+        """The n sibling rows of a prompt just completed: the first keeps the prompt's KV, the
+        others share its full blocks (and copy the last, partial one)."""
         p = state.params
         copies: dict[str, list[int]] = {}
         try:
-            for name, slot in state.slots.items():
+            for name, slot in target.slots.items():
                 copies[name] = self.runners[name].fork(slot, p.n - 1)
         except BaseException:
-            for name, dst in copies.items():  # the siblings' slots must not leak
+            for name, dst in copies.items():  # the siblings' KV must not leak
                 for d in dst:
                     self.runners[name].free(d)
             raise
@@ -516,7 +625,7 @@ class Engine:
         for i in range(p.n):
             slots = {
                 name: (slot if i == 0 else copies[name][i - 1])
-                for name, slot in state.slots.items()
+                for name, slot in target.slots.items()
             }
             gen = None
             if p.seed is not None:
@@ -526,103 +635,44 @@ class Engine:
                 )
             detok = IncrementalDetokenizer(self.family.tokenizer, p.stop, p.skip_special_tokens)
             rows.append(Sequence(state, i, p, detok, gen, slots))
-        state.slots = {}  # now owned by the rows
+        target.slots = {}  # now owned by the rows
         return rows
 
-    def _first_token_parts(self, rows: list[Sequence]) -> list[Part]:
+    def _first_token_parts(
+        self, joined: list[tuple[Sequence, dict[str, torch.Tensor]]], offset: int
+    ) -> list[Part]:
         parts: list[Part] = []
         for name in self.runners:
             idx = [
                 i
-                for i, s in enumerate(rows)
-                if name in s.request.last_logits and name in s.request.req.composition.coeffs
+                for i, (s, logits) in enumerate(joined)
+                if name in logits and name in s.request.req.composition.coeffs
             ]
             if not idx:
                 continue
             lp = log_probs(
-                torch.stack([rows[i].request.last_logits[name] for i in idx]).to(self.device),
-                self.vocab_size,
+                torch.stack([joined[i][1][name] for i in idx]).to(self.device), self.vocab_size
             )
-            coef = [rows[i].request.req.composition.coeffs[name] for i in idx]
+            coef = [joined[i][0].request.req.composition.coeffs[name] for i in idx]
             parts.append((
                 name,
-                torch.tensor(idx, device=self.device),
+                torch.tensor([i + offset for i in idx], device=self.device),
                 torch.tensor(coef, dtype=torch.float32, device=self.device),
                 lp,
             ))  # fmt: skip
-        for s in rows:
-            if s.index == s.params.n - 1:
-                s.request.last_logits = {}
         return parts
 
-    # ---------------------------------------------------------------- decode
-
-    def _run_decode(self, rows: list[Sequence], stats: StepStats) -> list[Part]:
-        """One token for every running row through each model it uses."""
-        if not rows:
-            return []
-        if rows != self._member_rows:
-            self._members = self._membership(rows)
-            self._member_rows = rows
-        parts: list[Part] = []
-        for runner, names in self.groups:
-            mine = [n for n in names if n in self._members]
-            if not mine:
-                continue
-            calls = {}
-            for n in mine:
-                idx, _, slots = self._members[n]
-                calls[n] = (slots, self._last.index_select(0, idx))
-            t0 = time.perf_counter()
-            out = runner.decode_many(calls)
-            stats.add_forward(runner.name, t0)
-            for n in mine:
-                idx, coef, _ = self._members[n]
-                parts.append((n, idx, coef, log_probs(out[n].to(self.device), self.vocab_size)))
-        return parts
-
-    def _membership(self, rows: list[Sequence]) -> dict:
-        """Per model: the batch rows that use it, their coefficients and their slots."""
-        out = {}
-        for name in self.runners:
-            idx = [i for i, s in enumerate(rows) if name in s.slots]
-            if idx:
-                coeffs = [rows[i].request.req.composition.coeffs[name] for i in idx]
-                out[name] = (
-                    torch.tensor(idx, device=self.device),
-                    torch.tensor(coeffs, dtype=torch.float32, device=self.device),
-                    [rows[i].slots[name] for i in idx],
-                )
-        return out
+    # ---------------------------------------------------------------- KV and endings
 
     def _retire(self) -> None:
-        """Drop finished rows from the batch and free their slots; realign the next inputs."""
-        batch = self._batch
-        done = self.scheduler.retire()
-        for seq in done:
-            self._free_row(seq)
+        """Drop finished rows from the batch and free their KV."""
+        for seq in self.scheduler.retire():
+            self.scheduler.free_row(seq)
             self.spec_policy.forget(seq)
-        if done and batch:
-            keep = [i for i, s in enumerate(batch) if not s.finished]
-            index = torch.tensor(keep, dtype=torch.long, device=self.device)
-            self._last = self._last.index_select(0, index)
-            self._batch = [batch[i] for i in keep]
 
-    # ---------------------------------------------------------------- slots and endings
-
-    def _free_row(self, seq: Sequence) -> None:
-        for name, slot in seq.slots.items():
-            self.runners[name].free(slot)
-        seq.slots = {}
-        if seq.draft_slot is not None:
-            self.runners[seq.request.draft].free(seq.draft_slot)
-            seq.draft_slot = None
-
-    def _free_request(self, state: RequestState) -> None:
-        for name, slot in state.slots.items():
-            self.runners[name].free(slot)
-        state.slots = {}
-        state.last_logits = {}
+    def _free_targets(self, state: RequestState, scrub: bool = False) -> None:
+        for target in state.targets:
+            self.scheduler.free_target(target, scrub)
 
     def _cancel(self, rids: set[str]) -> None:
         """Abort these requests wherever they are: waiting, prefilling, or running."""
@@ -631,11 +681,12 @@ class Engine:
         for state in [s for s in sched.waiting if s.rid in rids]:
             sched.waiting.remove(state)
             self._dequeued(1)
-            events += self._finish_unstarted(state, "abort")
+            events += self._end_unfinished(state, "abort")
+            self._free_targets(state)
         for state in [s for s in sched.prefilling if s.rid in rids]:
             sched.drop_prefilling(state)
-            self._free_request(state)
-            events += self._finish_unstarted(state, "abort")
+            self._free_targets(state)
+            events += self._end_unfinished(state, "abort")
         for seq in sched.running:
             if seq.request.rid in rids:
                 events.append((seq.request, seq.finish("abort")))
@@ -652,26 +703,33 @@ class Engine:
         events: Events = []
         unstarted = sched.prefilling + ([] if keep_waiting else list(sched.waiting))
         for state in unstarted:
-            events += self._finish_unstarted(state, reason, message)
+            events += self._end_unfinished(state, reason, message)
         for seq in sched.running:
             events.append((seq.request, seq.finish(reason, message)))
         if not keep_waiting:
             self._dequeued(len(sched.waiting))
             sched.waiting.clear()
         self._deliver(events)
-        # The rows' state may be what broke: start over with fresh runners.
+        # The rows' state may be what broke: start over with empty pools.
         sched.prefilling, sched.running = [], []
-        self._batch, self._sampler_rows, self._member_rows = [], [], []
+        self._batch, self._sampler_rows, self._member_rows = [], [], None
         self._last = self._last[:0]
         try:
             for runner, _ in self.groups:
                 runner.reset()
+            for state in sched.waiting:  # their handles (if any) went with the reset
+                for target in state.targets:
+                    target.slots, target.cursor, target.looked_up = {}, {}, False
         except Exception:  # noqa: BLE001
-            log.exception("could not reset the KV slots")
+            log.exception("could not reset the KV pools")
 
-    def _finish_unstarted(
+    def _end_unfinished(
         self, state: RequestState, reason: str, error: str | None = None
     ) -> Events:
+        """The final events of a request that is not decoding: its n siblings (none started),
+        or the rows it was preempted with (each continues its own stream)."""
+        if state.resumed:
+            return [(state, s.finish(reason, error)) for s in state.resumed]
         return [
             (
                 state,
@@ -690,6 +748,7 @@ class Engine:
     # ---------------------------------------------------------------- reporting
 
     def _dequeued(self, count: int) -> None:
+        """Requests left the waiting queue (a negative count: preempted ones came back)."""
         if count:
             with self._lock:
                 self._num_waiting -= count
@@ -709,10 +768,17 @@ class Engine:
         stats.num_waiting = self._num_waiting
         if t_start is not None:
             stats.step_seconds = time.perf_counter() - t_start
-        for name, runner in self.runners.items():
-            stats.kv_cache_tokens[name] = runner.num_tokens(name)
-            # Members share their runner's buffers: the bytes count once, under its name.
-            stats.kv_cache_bytes[name] = runner.nbytes() if name == runner.name else 0
+        used = total = 0
+        for runner, names in self.groups:
+            for name in names:
+                stats.kv_cache_tokens[name] = runner.num_tokens(name)
+                # Members share their runner's pool: its bytes count once, under its name.
+                first = name == runner.name
+                stats.kv_cache_bytes[name] = runner.nbytes() if first else 0
+                stats.kv_cache_capacity_bytes[name] = runner.capacity_bytes() if first else 0
+            used += runner.pool.num_used
+            total += runner.pool.capacity
+        stats.kv_cache_usage = used / total if total else 0.0
         if self.on_step is not None:
             self.on_step(stats)
 

@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerBase
 
 from . import loading
 from .errors import FamilyError
-from .loading import DTYPES, Checkpoint
+from .loading import DTYPES, Checkpoint, LoadedModel
 
 __all__ = ["DTYPES", "FILTER_KEYS", "Family", "FamilyConfig", "FamilyError", "LoadedModel"]
 
@@ -185,24 +185,6 @@ def served_name(path: str, gguf_file: str | None = None) -> str:
     leaf = Path(gguf_file or path.rstrip("/")).name.removesuffix(".gguf")
     clean = "".join(c if c.isalnum() or c in "._-" else "-" for c in leaf).strip(".-")
     return clean or "model"
-
-
-@dataclass
-class LoadedModel:
-    name: str
-    module: torch.nn.Module  # shared between entries of the same checkpoint
-    tokenizer: PreTrainedTokenizerBase  # this model's own (its BOS and chat template)
-    input_device: torch.device
-    output_device: torch.device
-    dtype: torch.dtype
-    num_params: int
-    max_positions: int
-    chat_template: str
-    shares_weights_with: str | None = None  # the entry whose loaded module this one uses
-    # A plain LoRA adapter's name inside `module`, which holds every such adapter over the same
-    # weights: calling `module` directly runs PEFT's active adapter; the runner picks each row's
-    # own. None for a model, and for an adapter in a module of its own (DoRA, ...).
-    adapter: str | None = None
 
 
 @dataclass

@@ -51,6 +51,25 @@ class Checkpoint:
         return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
 
 
+@dataclass
+class LoadedModel:
+    name: str
+    module: torch.nn.Module  # shared between entries of the same checkpoint
+    tokenizer: PreTrainedTokenizerBase  # this model's own (its BOS and chat template)
+    input_device: torch.device
+    output_device: torch.device
+    dtype: torch.dtype
+    num_params: int
+    max_positions: int
+    chat_template: str
+    shares_weights_with: str | None = None  # the entry whose loaded module this one uses
+    # A plain LoRA adapter's name inside `module`, which holds every such adapter over the same
+    # weights: calling `module` directly runs PEFT's active adapter; the runner picks each row's
+    # own. None for a model, and for an adapter in a module of its own (DoRA, ...).
+    adapter: str | None = None
+
+
+
 def split_gguf_path(path: str, gguf_file: str | None) -> tuple[str, str | None]:
     """`path: dir/model.gguf` without `gguf_file` means `path: dir, gguf_file: model.gguf`."""
     if gguf_file is None and path.endswith(".gguf") and Path(path).is_file():
@@ -243,11 +262,12 @@ class AdapterSwitch:
     def _add_deltas(self, layer, args, output):
         if not self.plan:
             return output
-        x = args[0]
-        if x.shape[0] != self.batch:  # a layer that sees flattened tokens, not rows
+        x = args[0].reshape(-1, args[0].shape[-1])  # one row per token of the forward
+        out_rows = output.view(-1, output.shape[-1])
+        if x.shape[0] != self.batch:
             raise RuntimeError(
-                f"a LoRA layer ({type(layer.base_layer).__name__}) sees input {tuple(x.shape)}, "
-                f"not one row per sequence ({self.batch}): its adapters cannot be batched"
+                f"a LoRA layer ({type(layer.base_layer).__name__}) sees {x.shape[0]} rows, "
+                f"not one per token of the forward ({self.batch}): its adapters cannot be batched"
             )
         plan = self._on.get(x.device)
         if plan is None:  # layers spread over devices get the indices on their own
@@ -260,11 +280,11 @@ class AdapterSwitch:
                 continue
             a, b = weights
             if isinstance(rows, slice):
-                out = output[rows]  # a view: the delta lands in `output`
+                out = out_rows[rows]  # a view: the delta lands in `output`
                 out.add_(F.linear(F.linear(x[rows].to(a.dtype), a), b).to(out.dtype))
             else:
                 delta = F.linear(F.linear(x.index_select(0, rows).to(a.dtype), a), b)
-                output.index_add_(0, rows, delta.to(output.dtype))
+                out_rows.index_add_(0, rows, delta.to(output.dtype))
         return output
 
     def _weights(self, layer, adapter: str) -> tuple[torch.Tensor, torch.Tensor] | None:

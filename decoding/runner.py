@@ -1,46 +1,45 @@
-"""One runner per model: its KV slots and the forward of the rows that use it.
+"""One runner per set of weights: its paged KV pool and one flattened forward per call.
 
-Every sequence that uses a model holds one **slot** of that model's cache for its whole life.
-A slot is a row of per-layer buffers `[slots, kv_heads, capacity, head_dim]`; its tokens sit at
-positions `0..length-1`. Joining writes only the new sequence's prefill into its slot; leaving
-frees the slot (and zeroes it) without touching any other row, so no step copies the cache of
-rows that did not change (the first engine re-concatenated every model's whole cache on every
-join and leave).
+Every sequence that uses a model holds a **handle** (an int) in that model's runner: a
+`blocks.KVSeq`, i.e. a block table into the runner's pool. The pool is allocated once, at
+start, from the engine's memory budget: per layer, keys and values `[blocks, block_size,
+kv_heads, head_dim]`. Memory in use is blocks held x block bytes, whatever the lengths of the
+other sequences (the slot cache before it grew every row to the longest one).
 
-The model runs unmodified: `SlotCache` is a transformers `Cache` whose `update` writes the new
-keys/values at each row's own positions and hands back the keys to attend over, and the runner
-passes its own 4-D attention masks (transformers uses a 4-D mask as it is), one per attention
-kind when a model mixes full and sliding-window layers (Gemma-2/3, Qwen2's
-`max_window_layers`). Sliding-window layers keep every token and the mask restricts them to
-the window, so one addressing scheme serves every layer.
+A forward takes any mix of rows: single decode tokens (their ids already on the device, from
+the last sampling) and prompt chunks or verify blocks (ids from the host), and runs them as
+one row `[1, T]` with no padding; `decoding/attention.py` writes and reads the pool through
+the step's `StepBatch` (slot mapping, block tables), built on the host and copied to the device
+in one transfer. The members of a runner (a model and the LoRA adapters over it, or one
+checkpoint listed twice) share the pool and the forward, each token through its own adapter.
 
-Three ways to address the cache in a forward:
-- `own`: a prefill of fresh slots attends only to the keys it has just computed (no read);
-- `view`: a decode over slots `0..S-1` attends to a view of the buffers (no copy);
-- `gather`: a prefill chunk that continues a prompt, or a decode whose rows are sparse among
-  the slots, gathers its rows' keys (a copy of just those rows).
-Buffers grow in the time dimension by half when full (amortised O(1)) and are released when
-the runner has no sequence left. A paged cache would replace the slot row by a block table
-(same `update` hook); CUDA graphs would capture `view` decodes per batch-size bucket over a
-fixed capacity. `docs/architecture.md` says more.
+Where a CUDA graph would be captured: `forward` of decode-only steps, per batch-size bucket,
+over persistent `StepBatch` tensors of fixed shape (tables padded to the pool's longest
+table); see docs/architecture.md. Not built: it needs a CUDA machine to be checked.
 """
 
 from __future__ import annotations
 
-import heapq
+import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers.cache_utils import Cache, get_layer_types_and_kwargs
+from transformers.cache_utils import get_layer_types_and_kwargs
 
-from .family import Family, LoadedModel
-from .loading import AdapterSwitch
+from . import attention
+from .attention import ATTENTION, Chunk, StepBatch
+from .blocks import NULL_BLOCK, BlockPool, KVSeq
+from .loading import AdapterSwitch, LoadedModel
+
+if TYPE_CHECKING:
+    from .family import Family
 
 KINDS = ("full_attention", "sliding_attention")
 
 
 class UnsupportedModelError(ValueError):
-    """The model cannot be run with per-slot KV caches (recurrent state, ALiBi, ...)."""
+    """The model cannot be run over the paged KV pool (recurrent state, ALiBi, ...)."""
 
 
 def attention_windows(module: torch.nn.Module) -> list[int | None]:
@@ -62,218 +61,405 @@ def attention_windows(module: torch.nn.Module) -> list[int | None]:
     other = sorted({t for t in types if t not in KINDS})
     if other:
         raise UnsupportedModelError(
-            f"{name} has layers of kind {other}; eft-serve supports {list(KINDS)}"
+            f"{name} has layers of kind {other}, which keep no KV cache (a recurrent or "
+            f"linear-attention state); eft-serve supports {list(KINDS)}"
         )
     return [kw.get("sliding_window") if t == "sliding_attention" else None
             for t, kw in zip(types, kwargs)]  # fmt: skip
 
 
 @dataclass
-class _Addressing:
-    """Where one forward writes and what it attends to (set by the runner before each call)."""
-
-    slots: torch.Tensor  # [b] slot each row reads ("gather") and writes
-    write: torch.Tensor  # [b, t] cache position of each new token
-    mode: str  # "own" | "view" | "gather"
-    width: int  # key positions to attend over ("view"/"gather")
-    targets: torch.Tensor | None = None  # [b] slot each row writes, when not `slots`
-
-
-class SlotCache(Cache):
-    """A transformers `Cache` over stable slots. Only `update` carries data."""
-
-    def __init__(self, num_layers: int, num_slots: int):
-        # Cache.__init__ wants layer objects; none of its per-layer machinery is used here.
-        self.layers = []
-        self.layer_class_to_replicate = None
-        self.offloading = False
-        self.num_layers = num_layers
-        self.num_slots = num_slots
-        self.scratch = num_slots  # one extra row where the padding rows of a decode write
-        self.capacity = 0  # positions per slot in every allocated buffer
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.addr: _Addressing | None = None
-        self._on: dict[torch.device, _Addressing] = {}
-
-    def set_addressing(self, addr: _Addressing) -> None:
-        self.addr = addr
-        self._on = {addr.slots.device: addr}
-
-    def _addressing(self, device: torch.device) -> _Addressing:
-        # Layers spread over several devices (device_map="auto") each get their own copy.
-        if device not in self._on:
-            a = self.addr
-            targets = None if a.targets is None else a.targets.to(device)
-            self._on[device] = _Addressing(
-                a.slots.to(device), a.write.to(device), a.mode, a.width, targets
-            )
-        return self._on[device]
-
-    def reserve(self, positions: int) -> None:
-        """Make room for `positions` tokens per slot (grows every allocated buffer by half)."""
-        if positions <= self.capacity:
-            return
-        new = max(positions, self.capacity + self.capacity // 2, 64)
-        for store in (self.keys, self.values):
-            for i, buf in enumerate(store):
-                if buf is not None:
-                    grown = buf.new_zeros(*buf.shape[:2], new, buf.shape[3])
-                    grown[:, :, : self.capacity] = buf
-                    store[i] = grown
-        self.capacity = new
-
-    def release(self) -> None:
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
-        self.capacity = 0
-
-    def clear_slot(self, slot: int) -> None:
-        # Masks are additive; a NaN left by a failed row would survive `+ -inf`, so freed slots
-        # go back to zero.
-        for store in (self.keys, self.values):
-            for buf in store:
-                if buf is not None:
-                    buf[slot].zero_()
-
-    def copy_slot(self, src: int, dst: list[int], length: int) -> None:
-        for store in (self.keys, self.values):
-            for buf in store:
-                if buf is not None:
-                    # A copy first: when the slot is full, source and target overlap in memory.
-                    buf[dst, :, :length] = buf[src, :, :length].clone()
-
-    def nbytes(self) -> int:
-        return sum(b.nbytes for b in self.keys + self.values if b is not None)
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        a = self._addressing(key_states.device)
-        if self.keys[layer_idx] is None:
-            shape = (self.num_slots + 1, key_states.shape[1], self.capacity)
-            self.keys[layer_idx] = key_states.new_zeros(*shape, key_states.shape[3])
-            self.values[layer_idx] = value_states.new_zeros(*shape, value_states.shape[3])
-        kbuf, vbuf = self.keys[layer_idx], self.values[layer_idx]
-        rows = (a.slots if a.targets is None else a.targets).unsqueeze(-1)
-        kbuf[rows, :, a.write] = key_states.transpose(1, 2)
-        vbuf[rows, :, a.write] = value_states.transpose(1, 2)
-        if a.mode == "own":
-            return key_states, value_states
-        if a.mode == "view":
-            b = a.slots.shape[0]
-            return kbuf[:b, :, : a.width], vbuf[:b, :, : a.width]
-        return kbuf[a.slots, :, : a.width], vbuf[a.slots, :, : a.width]
-
-    # What transformers may ask of a cache besides `update`.
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
+class LayerShape:
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
 
     @property
-    def is_compileable(self) -> bool:
-        return False
+    def token_bytes(self) -> int:
+        """Bytes of keys and values one token takes in this layer."""
+        return 2 * self.kv_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
 
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False] * self.num_layers
 
-    def __len__(self) -> int:
-        return self.num_layers
+class _Probe:
+    """Stands in for a `StepBatch` during the shape probe: records each layer's KV shape."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[int, LayerShape] = {}
+
+
+def _probe_attention(module, query, key, value, *args, **kwargs):
+    batch = attention.current()
+    if isinstance(batch, _Probe):
+        batch.shapes[module.layer_idx] = LayerShape(
+            key.shape[1], key.shape[3], key.dtype, key.device
+        )
+        return query.transpose(1, 2), None
+    return attention.paged_attention(module, query, key, value, *args, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, _probe_attention)
+
+
+_register()
 
 
 class ModelRunner:
-    """One set of weights: its slots, and its forwards (prefill chunks of joining rows, decode
-    steps).
+    """One set of weights: its KV pool, the handles of the sequences held there, and its
+    forwards.
 
-    The family entries that run these weights (the same checkpoint listed twice, a model and
-    the LoRA adapters over it) are the runner's *members*: each keeps its own slots, and one
-    forward serves the rows of every member, each row through its own adapter
-    (`prefill_many`/`decode_many`): a reference and its k adapters cost one forward per step,
-    not k + 1.
+    Handles are ints (`allocate`); each is the KV of one member (a model or an adapter) for
+    one sequence. `prefill`/`decode`/`prefill_many`/`decode_many` are views of `forward`,
+    which runs any mix of rows in one flattened call.
     """
 
-    def __init__(self, models: LoadedModel | list[LoadedModel], num_slots: int):
+    def __init__(self, models: LoadedModel | list[LoadedModel]):
         members = [models] if isinstance(models, LoadedModel) else list(models)
         self.model = members[0]
         self.name = self.model.name  # the member that timings and KV bytes are reported under
+        self.members = [m.name for m in members]
         tuned = [m for m in members if m.adapter is not None]
         self.module = tuned[0].module if tuned else self.model.module
         self.switch = AdapterSwitch(self.module) if tuned else None
         self.adapter_of = {m.name: m.adapter or AdapterSwitch.BASE for m in members}
         self.device = self.model.input_device
         self.windows = attention_windows(self.module)
-        self.kinds = sorted({w for w in self.windows}, key=lambda w: (w is not None, w or 0))
         self.dtype = self.module.dtype
-        self.pad_id = self.model.tokenizer.pad_token_id or 0
-        self.cache = SlotCache(len(self.windows), num_slots)
-        self.lengths = [0] * num_slots  # tokens held by each slot
-        self.owner: list[str | None] = [None] * num_slots  # the member holding each slot
-        self._free = list(range(num_slots))  # a heap: the lowest free slot is taken first
-        self.active: set[int] = set()
+        self.layers = self._probe()
+        self.pool: BlockPool | None = None
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.seqs: dict[int, KVSeq] = {}
+        self._next = 0
+        # A model whose every layer slides can let go of the blocks behind its window.
+        self.slide = min(self.windows) if self.windows and None not in self.windows else None  # type: ignore[type-var]
+        self.use_varlen = False
 
-    # ------------------------------------------------------------------ slots
-
-    def reset(self) -> None:
-        """Free every slot and the buffers."""
-        self.cache.release()
-        self.lengths = [0] * len(self.lengths)
-        self._free = list(range(len(self.lengths)))
-        self.active.clear()
-
-    def allocate(self, owner: str | None = None) -> int:
-        if not self._free:
-            raise RuntimeError(f"model {owner or self.name!r}: no free KV slot")
-        slot = heapq.heappop(self._free)
-        self.active.add(slot)
-        self.lengths[slot] = 0
-        self.owner[slot] = owner or self.name
-        return slot
+    # ------------------------------------------------------------------ the pool
 
     @torch.inference_mode()
-    def free(self, slot: int) -> None:
-        if slot not in self.active:
+    def _probe(self) -> list[LayerShape]:
+        probe = _Probe()
+        with self._paged(), attention.activated(probe):  # type: ignore[arg-type]
+            zero = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            self._call([None], input_ids=zero, position_ids=zero)
+        if sorted(probe.shapes) != list(range(len(self.windows))):
+            raise UnsupportedModelError(
+                f"{getattr(self.module.config, 'model_type', '?')}: its attention layers do not "
+                "all go through transformers' attention interface"
+            )
+        return [probe.shapes[i] for i in range(len(self.windows))]
+
+    @property
+    def block_bytes_per_token(self) -> int:
+        """KV bytes one token of one member takes over all layers."""
+        return sum(s.token_bytes for s in self.layers)
+
+    def allocate_pool(self, num_blocks: int, block_size: int, prefix_caching: bool) -> None:
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching)
+        # Uninitialised memory (a CPU pool is only paged in as it is used); each block is
+        # zeroed the first time it is handed out, so a masked key never reads a NaN.
+        self.kv = [
+            tuple(
+                torch.empty(num_blocks, block_size, s.kv_heads, s.head_dim, dtype=s.dtype,
+                            device=s.device)
+                for _ in range(2)
+            )
+            for s in self.layers
+        ]  # fmt: skip
+        for k, v in self.kv:
+            k[NULL_BLOCK].zero_()
+            v[NULL_BLOCK].zero_()
+        self.use_varlen = attention.varlen_kernel_available(self.device, self.dtype)
+
+    def capacity_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv)
+
+    def nbytes(self) -> int:
+        """KV bytes in use: blocks held x bytes per block."""
+        if self.pool is None:
+            return 0
+        return self.pool.num_used * self.pool.block_size * self.block_bytes_per_token
+
+    # ------------------------------------------------------------------ handles
+
+    def allocate(self, owner: str | None = None) -> int:
+        handle = self._next
+        self._next += 1
+        owner = owner or self.name
+        self.seqs[handle] = KVSeq(self.adapter_of.get(owner, owner), owner=owner)
+        return handle
+
+    @property
+    def active(self) -> set[int]:
+        return set(self.seqs)
+
+    def length(self, handle: int) -> int:
+        return self.seqs[handle].length
+
+    def free(self, handle: int, scrub: bool = False) -> None:
+        seq = self.seqs.pop(handle, None)
+        if seq is None:
             return
-        self.active.discard(slot)
-        heapq.heappush(self._free, slot)
-        self.lengths[slot] = 0
-        if self.active:
-            self.cache.clear_slot(slot)
-        else:
-            self.cache.release()
+        if scrub:  # a failed forward may have left NaNs in these blocks
+            self._zero([b for b in seq.blocks if b != NULL_BLOCK and self.pool.refs[b] == 1])
+        self.pool.free(seq)
+
+    def reset(self) -> None:
+        """Free every handle (after a failed step: the pool's contents are suspect)."""
+        for handle in list(self.seqs):
+            self.free(handle)
+        if self.pool is not None:
+            for k, v in self.kv:
+                k.zero_()
+                v.zero_()
 
     @torch.inference_mode()
     def fork(self, src: int, count: int) -> list[int]:
-        """`count` new slots holding a copy of `src`'s tokens (the siblings of an n > 1 request)."""
-        dst = [self.allocate(self.owner[src]) for _ in range(count)]
+        """`count` new handles holding `src`'s tokens: full blocks shared, the last one copied
+        (the siblings of an n > 1 request)."""
+        out: list[int] = []
         try:
-            if dst:
-                self.cache.copy_slot(src, dst, self.lengths[src])
+            for _ in range(count):
+                child, copy = self.pool.fork(self.seqs[src])
+                handle = self._next
+                self._next += 1
+                self.seqs[handle] = child
+                out.append(handle)
+                self._zero_fresh()
+                if copy is not None:
+                    for k, v in self.kv:
+                        k[copy[1]] = k[copy[0]]
+                        v[copy[1]] = v[copy[0]]
         except BaseException:
-            for d in dst:  # a failed copy must not leak its slots
-                self.free(d)
+            for h in out:
+                self.free(h)
             raise
-        for d in dst:
-            self.lengths[d] = self.lengths[src]
-        return dst
+        return out
+
+    def needed(self, handle: int, upto: int) -> int:
+        """New blocks `handle` needs to hold `upto` tokens."""
+        return self.pool.needed(self.seqs[handle], upto)
+
+    def reserve(self, handle: int, upto: int) -> None:
+        """Blocks for `upto` tokens (raises `blocks.OutOfBlocks`, taking none). Bookkeeping
+        only: new blocks are zeroed by the next forward."""
+        self.pool.reserve(self.seqs[handle], upto)
+
+    def match_prefix(self, handle: int, tokens: list[int]) -> int:
+        """Take the cached blocks of `tokens`' longest cached prefix; returns their tokens."""
+        return self.pool.match(self.seqs[handle], tokens)
+
+    def truncate(self, handle: int, length: int) -> None:
+        self.pool.truncate(self.seqs[handle], length)
+
+    def rewrite(self, handle: int, start: int, tokens: list[int]) -> None:
+        """Record the ids of tokens written from device inputs (speculative drafts), so their
+        blocks can be keyed for the prefix cache."""
+        seq = self.seqs[handle]
+        seq.tokens[start : start + len(tokens)] = tokens
+        self.pool.commit(seq)
 
     def num_tokens(self, owner: str | None = None) -> int:
-        """Tokens held in the slots of `owner` (a member), or of every member."""
-        return sum(self.lengths[s] for s in self.active if owner in (None, self.owner[s]))
+        """Tokens held by the handles of `owner` (a member), or of every member."""
+        return sum(
+            s.length - s.dropped * self.pool.block_size
+            for s in self.seqs.values()
+            if owner in (None, s.owner)
+        )
 
-    def nbytes(self) -> int:
-        return self.cache.nbytes()
+    def _zero_fresh(self) -> None:
+        if self.pool.fresh:
+            self._zero(self.pool.fresh)
+            self.pool.fresh = []
+
+    def _zero(self, blocks: list[int]) -> None:
+        if blocks:
+            index = torch.tensor(blocks, device=self.kv[0][0].device)
+            for k, v in self.kv:
+                k.index_fill_(0, index.to(k.device), 0)
+                v.index_fill_(0, index.to(v.device), 0)
+
+    # ------------------------------------------------------------------ forwards
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        handles: list[int],
+        chunks: list[list[int] | None],
+        decode_ids: torch.Tensor | None = None,
+        keep_all: list[bool] | bool = False,
+        decode_tokens: list[int] | None = None,
+    ) -> torch.Tensor:
+        """One flattened forward of every row: row i appends `chunks[i]` (host ids) or, where
+        that is None, its next token of `decode_ids` (device, one per such row, in order) to
+        `handles[i]`; `decode_tokens`, when given, are the same ids on the host (for the prefix
+        cache's keys). Blocks must be reserved; any still missing are taken here. Returns the
+        logits [K, V] of each row's last token, or of every token of the rows in `keep_all`,
+        in row order."""
+        pool, bs = self.pool, self.pool.block_size
+        keep = [keep_all] * len(handles) if isinstance(keep_all, bool) else keep_all
+        seqs = [self.seqs[h] for h in handles]
+        lens = [1 if c is None else len(c) for c in chunks]
+        host_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        dec_index: list[int] = []
+        dec_pos: list[int] = []
+        dec_tables: list[list[int]] = []
+        chunk_meta: list[tuple[int, int, int, list[int]]] = []
+        keep_index: list[int] = []
+        dec_rows: list[int] = []
+        dec_pos_rows: list[bool] = []  # per decode-group entry: its id comes from the device
+        t = 0
+        for i, (seq, chunk, n) in enumerate(zip(seqs, chunks, lens)):
+            start = seq.length
+            if len(seq.blocks) * bs < start + n:
+                pool.reserve(seq, start + n)
+            blocks = seq.blocks
+            positions.extend(range(start, start + n))
+            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            if chunk is None:
+                dec_index.append(t)
+                dec_pos.append(start)
+                dec_tables.append(blocks)
+                dec_rows.append(i)
+                dec_pos_rows.append(True)
+                host_ids.append(0)
+                # Its id arrives on the device; -1 until `rewrite` tells it (drafts).
+                seq.tokens.append(decode_tokens[len(dec_rows) - 1] if decode_tokens else -1)
+            else:
+                host_ids.extend(chunk)
+                seq.tokens.extend(chunk)
+                if n == 1:
+                    dec_index.append(t)
+                    dec_pos.append(start)
+                    dec_tables.append(blocks)
+                    dec_pos_rows.append(False)
+                else:
+                    chunk_meta.append((t, n, start, blocks))
+            if keep[i]:
+                keep_index.extend(range(t, t + n))
+            else:
+                keep_index.append(t + n - 1)
+            t += n
+        self._zero_fresh()
+        width = max((len(b) for b in dec_tables), default=0)
+        arrays = [host_ids, positions, slot_mapping, dec_index, dec_pos, keep_index]
+        arrays.append([x for b in dec_tables for x in b + [NULL_BLOCK] * (width - len(b))])
+        arrays += [m[3] for m in chunk_meta]
+        if dec_rows:
+            arrays.append([dec_index[j] for j, r in enumerate(dec_pos_rows) if r])
+        varlen = self.use_varlen
+        if varlen:
+            kv_lens = [s.length for s in seqs]
+            most = max(len(s.blocks) for s in seqs)
+            arrays.append([0] + list(itertools.accumulate(lens)))
+            arrays.append(kv_lens)
+            arrays += [s.blocks + [NULL_BLOCK] * (most - len(s.blocks)) for s in seqs]
+        dev = self._upload(arrays)
+        ids, pos, smap, d_index, d_pos, k_index = dev[:6]
+        d_tables = dev[6].view(len(dec_tables), max(width, 1) if dec_tables else 1)
+        c_tables = dev[7 : 7 + len(chunk_meta)]
+        none_index = dev[7 + len(chunk_meta)] if dec_rows else None
+        if none_index is not None and decode_ids is not None:
+            ids = ids.index_copy(0, none_index, decode_ids.to(ids.device))
+        batch = StepBatch(
+            block_size=bs,
+            slot_mapping=smap,
+            decode_index=d_index,
+            decode_tables=d_tables,
+            decode_positions=d_pos,
+            chunks=[Chunk(m[0], m[1], tab, m[2]) for m, tab in zip(chunk_meta, c_tables)],
+            num_tokens=t,
+            all_decode=len(dec_index) == t,
+            windows=self.windows,
+            pools=self.kv,
+        )
+        if varlen:
+            base = len(dev) - len(seqs) - 2
+            batch.cu_q, batch.seq_lens = dev[base].int(), dev[base + 1].int()
+            batch.tables = torch.cat(dev[base + 2 :]).view(len(seqs), most).int()
+            batch.max_q, batch.max_k = max(lens), max(kv_lens)
+        owners = None
+        if self.switch is not None:
+            owners = [self.seqs[h].owner for h, n in zip(handles, lens) for _ in range(n)]
+        try:
+            with self._paged(), attention.activated(batch):
+                out = self._call(
+                    owners,
+                    input_ids=ids.unsqueeze(0),
+                    position_ids=pos.unsqueeze(0),
+                    logits_to_keep=k_index,
+                ).logits[0]
+        except BaseException:
+            for seq, n in zip(seqs, lens):  # the rows hold what they held before
+                pool.truncate(seq, seq.length - n)
+            raise
+        for seq in seqs:
+            pool.commit(seq)
+        if self.slide is not None:
+            for seq in seqs:
+                pool.drop_before(seq, seq.length - self.slide)
+        return out
+
+    def _upload(self, arrays: list[list[int]]) -> list[torch.Tensor]:
+        """Host int lists -> device tensors in one copy (pinned and asynchronous on CUDA)."""
+        sizes = [len(a) for a in arrays]
+        flat = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        elif flat.device != self.device:
+            flat = flat.to(self.device)
+        return list(flat.split(sizes))
+
+    def prefill(
+        self, slots: list[int], chunks: list[list[int]], keep_all: bool = False
+    ) -> torch.Tensor:
+        """Append each chunk to its handle; logits [b, V] at each chunk's last token, or
+        [b, t, V] at every position (right-padded with zeros) when `keep_all`."""
+        out = self.forward(slots, chunks, keep_all=keep_all)
+        if not keep_all:
+            return out
+        return _pad_rows(out, [len(c) for c in chunks])
+
+    def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
+        """One token for each handle in `slots` (`tokens` [b] on any device); logits [b, V]."""
+        return self.forward(slots, [None] * len(slots), tokens)
+
+    def prefill_many(
+        self, calls: dict[str, tuple[list[int], list[list[int]]]], keep_all: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """`prefill` of several members' rows ({member: (slots, chunks)}) in one forward;
+        each member's logits (with `keep_all`, padded to the longest chunk of any member)."""
+        slots = [s for sl, _ in calls.values() for s in sl]
+        out = self.prefill(slots, [c for _, ch in calls.values() for c in ch], keep_all)
+        return _split(out, {m: len(sl) for m, (sl, _) in calls.items()})
+
+    def decode_many(
+        self, calls: dict[str, tuple[list[int], torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """`decode` of several members' rows ({member: (slots, tokens)}) in one forward."""
+        slots = [s for sl, _ in calls.values() for s in sl]
+        tokens = torch.cat([t.to(self.device) for _, t in calls.values()])
+        return _split(self.decode(slots, tokens), {m: len(sl) for m, (sl, _) in calls.items()})
+
+    def _paged(self):
+        return _Implementation(self.module, ATTENTION)
+
+    def _call(self, owners: list[str | None] | None, **inputs):
+        if self.switch is None or owners is None:
+            return self.module(**inputs, use_cache=False)
+        with self.switch.rows([self.adapter_of[o or self.name] for o in owners]):
+            return self.module(**inputs, use_cache=False)
 
     @torch.inference_mode()
     def self_check(self) -> None:
-        """Refuse a model whose forward over KV slots differs from its own full forward.
-
-        Two prompts of different lengths, each prefilled in two chunks (the second chunks
-        ragged, in one forward), then decode steps: an architecture that ignores our masks or
-        keeps state outside the cache shows up here as a mismatch, not as wrong tokens later.
-        """
-        if len(self.lengths) < 2:
-            return
+        """Refuse a model whose forward over the paged pool differs from its own full
+        forward: two prompts of different lengths, each prefilled in two chunks (the second
+        chunks in one forward), then decode steps."""
         vocab = self.module.get_input_embeddings().weight.shape[0]
         gen = torch.Generator().manual_seed(0)
         seqs = [torch.randint(0, vocab, (k,), generator=gen).tolist() for k in (4, 7)]
@@ -285,7 +471,9 @@ class ModelRunner:
             worst = 0.0
             for step in range(3):
                 for i, ids in enumerate(seqs):
-                    full = self._forward([None], input_ids=torch.tensor([ids], device=self.device))
+                    full = self._call(
+                        [None] * len(ids), input_ids=torch.tensor([ids], device=self.device)
+                    )
                     want = torch.log_softmax(full.logits[0, -1].float(), -1)
                     got = torch.log_softmax(logits[i].float().to(want.device), -1)
                     worst = max(worst, (got - want).abs().max().item())
@@ -300,150 +488,43 @@ class ModelRunner:
                 self.free(s)
         tolerance = 1e-3 if self.dtype == torch.float32 else 0.25
         if not worst <= tolerance:
+            if self.use_varlen:  # the kernel disagrees with the model: use the exact path
+                self.use_varlen = False
+                return self.self_check()
             name = getattr(self.module.config, "model_type", type(self.module).__name__)
             raise UnsupportedModelError(
-                f"{name}: its forward over eft-serve's KV slots differs from its own full "
+                f"{name}: its forward over eft-serve's paged KV differs from its own full "
                 f"forward (log-prob difference {worst:.3g}); this architecture is not supported"
             )
 
-    # ------------------------------------------------------------------ forwards
 
-    @torch.inference_mode()
-    def prefill(
-        self, slots: list[int], chunks: list[list[int]], keep_all: bool = False
-    ) -> torch.Tensor:
-        """Append each chunk to its slot; return logits [b, V] at each chunk's last token, or
-        [b, t, V] at every position (right-padded) when `keep_all`. Each row runs as the member
-        that owns its slot."""
-        dev = self.device
-        b, t = len(slots), max(len(c) for c in chunks)
-        starts = [self.lengths[s] for s in slots]
-        lens = torch.tensor([len(c) for c in chunks], device=dev)
-        start = torch.tensor(starts, device=dev)
-        ids = torch.tensor([c + [self.pad_id] * (t - len(c)) for c in chunks], device=dev)
-        steps = torch.arange(t, device=dev)
-        q_pos = start.unsqueeze(-1) + steps  # [b, t]
-        fresh = not any(starts)
-        width = t if fresh else max(starts) + t
-        self.cache.reserve(max(starts) + t)
-        self.cache.set_addressing(
-            _Addressing(torch.tensor(slots, device=dev), q_pos, "own" if fresh else "gather", width)
-        )
-        # Padding repeats the last real position, so learned position tables are never overrun.
-        positions = torch.minimum(q_pos, (start + lens - 1).unsqueeze(-1))
-        last = [len(c) - 1 for c in chunks]
-        if keep_all:
-            keep: int | torch.Tensor = 0
-        else:
-            uniq = sorted(set(last))
-            keep = torch.tensor(uniq, device=dev)
-        out = self._forward(
-            [self.owner[s] for s in slots],
-            input_ids=ids,
-            attention_mask=self._masks(q_pos, start + lens, width),
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        ).logits
-        for s, n in zip(slots, (len(c) for c in chunks)):
-            self.lengths[s] += n
-        if keep_all:
-            return out
-        col = {p: i for i, p in enumerate(uniq)}
-        pick = torch.tensor([col[p] for p in last], device=out.device)
-        return out[torch.arange(b, device=out.device), pick]
+class _Implementation:
+    """Runs a module with another attention implementation inside `with` (transformers reads
+    `config._attn_implementation` at every call), restoring its own afterwards."""
 
-    @torch.inference_mode()
-    def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
-        """One token for each slot in `slots` (`tokens` [b] on any device); logits [b, V]."""
-        dev = self.device
-        span = max(slots) + 1
-        width = max(self.lengths[s] for s in slots) + 1
-        self.cache.reserve(width)
-        index = torch.tensor(slots, device=dev)
-        if 2 * len(slots) >= span:
-            # Dense: rows are the slots 0..span-1 and attend to a view of the buffers (no copy).
-            # The rows of slots not decoding now are padding: they write to the scratch row.
-            decoding = set(slots)
-            pos = [self.lengths[s] if s in decoding else 0 for s in range(span)]
-            targets = [s if s in decoding else self.cache.scratch for s in range(span)]
-            ids = torch.full((span,), self.pad_id, dtype=torch.long, device=dev)
-            ids[index] = tokens.to(dev)
-            q_pos = torch.tensor(pos, device=dev).unsqueeze(-1)
-            addr = _Addressing(
-                torch.arange(span, device=dev),
-                q_pos,
-                "view",
-                width,
-                torch.tensor(targets, device=dev),
-            )
-        else:
-            # Sparse: computing the holes would cost more than gathering these rows' keys.
-            ids = tokens.to(dev)
-            q_pos = torch.tensor([self.lengths[s] for s in slots], device=dev).unsqueeze(-1)
-            addr = _Addressing(index, q_pos, "gather", width)
-        self.cache.set_addressing(addr)
-        if addr.mode == "view":  # padding rows run as whichever member holds their slot
-            owners = [self.owner[s] or self.name for s in range(span)]
-        else:
-            owners = [self.owner[s] for s in slots]
-        out = self._forward(
-            owners,
-            input_ids=ids.unsqueeze(-1),
-            attention_mask=self._masks(q_pos, q_pos.squeeze(-1) + 1, width),
-            position_ids=q_pos,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1]
-        for s in slots:
-            self.lengths[s] += 1
-        return out.index_select(0, index.to(out.device)) if addr.mode == "view" else out
+    def __init__(self, module: torch.nn.Module, name: str):
+        self.config = module.config
+        self.name = name
 
-    def prefill_many(
-        self, calls: dict[str, tuple[list[int], list[list[int]]]], keep_all: bool = False
-    ) -> dict[str, torch.Tensor]:
-        """`prefill` of several members' rows ({member: (slots, chunks)}) in one forward;
-        each member's logits (with `keep_all`, padded to the longest chunk of any member)."""
-        slots = [s for sl, _ in calls.values() for s in sl]
-        out = self.prefill(slots, [c for _, ch in calls.values() for c in ch], keep_all)
-        return self._split(out, {m: len(sl) for m, (sl, _) in calls.items()})
+    def __enter__(self):
+        self.saved = self.config._attn_implementation
+        self.config._attn_implementation = self.name
 
-    def decode_many(
-        self, calls: dict[str, tuple[list[int], torch.Tensor]]
-    ) -> dict[str, torch.Tensor]:
-        """`decode` of several members' rows ({member: (slots, tokens)}) in one forward."""
-        slots = [s for sl, _ in calls.values() for s in sl]
-        tokens = torch.cat([t.to(self.device) for _, t in calls.values()])
-        return self._split(self.decode(slots, tokens), {m: len(sl) for m, (sl, _) in calls.items()})
+    def __exit__(self, *exc):
+        self.config._attn_implementation = self.saved
 
-    @staticmethod
-    def _split(out: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
-        return dict(zip(sizes, out.split(list(sizes.values()))))
 
-    def _forward(self, owners: list[str | None], **inputs):
-        if self.switch is None:
-            return self.module(**inputs)
-        with self.switch.rows([self.adapter_of[o or self.name] for o in owners]):
-            return self.module(**inputs)
+def _pad_rows(out: torch.Tensor, lens: list[int]) -> torch.Tensor:
+    """Flat per-token rows [sum(lens), V] -> [b, max(lens), V], zero padded."""
+    t = max(lens)
+    padded = out.new_zeros(len(lens), t, out.shape[-1])
+    for i, piece in enumerate(out.split(lens)):
+        padded[i, : len(piece)] = piece
+    return padded
 
-    def _masks(self, q_pos: torch.Tensor, valid: torch.Tensor, width: int):
-        """Additive [b, 1, t, width] masks: causal, within each row's own tokens, and within
-        the window for sliding layers; a dict by layer kind when the model mixes kinds."""
-        keys = torch.arange(width, device=q_pos.device)
-        allowed = (keys <= q_pos.unsqueeze(-1)) & (keys < valid.view(-1, 1, 1))
-        masks = {}
-        for window in self.kinds:
-            ok = allowed if window is None else allowed & (keys > q_pos.unsqueeze(-1) - window)
-            mask = torch.zeros(ok.shape, dtype=self.dtype, device=q_pos.device)
-            masks[window] = mask.masked_fill_(~ok, torch.finfo(self.dtype).min).unsqueeze(1)
-        if len(masks) == 1:
-            return next(iter(masks.values()))
-        return {
-            "full_attention": masks.get(None),
-            "sliding_attention": next(m for w, m in masks.items() if w is not None),
-        }
+
+def _split(out: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    return dict(zip(sizes, out.split(list(sizes.values()))))
 
 
 def weight_groups(family: Family) -> list[list[str]]:

@@ -1,8 +1,10 @@
 """Engine-side state of a request and of each of its running rows (sibling sequences).
 
 A `RequestState` lives from `Engine.submit` until its last sibling has finished; while its prompt
-is prefilled it holds one KV slot per model it uses. When the prompt is in, it becomes `n`
-`Sequence`s (rows of the batch), each with its own slot per model for the rest of its life.
+is prefilled (a `Prefill`) it holds one KV handle per model it uses. When the prompt is in, it
+becomes `n` `Sequence`s (rows of the batch), each with its own handle per model, sharing the
+prompt's full KV blocks. A request preempted for memory gives its rows' KV back and comes back
+as one `Prefill` per row (prompt + output so far).
 `Sequence.append` is the per-token bookkeeping: detokenize, check stop conditions, and build
 the event the caller receives.
 """
@@ -19,22 +21,47 @@ from .request import GenerationRequest, SamplingParams, SequenceOutput, TokenLog
 
 
 @dataclass(eq=False)
+class Prefill:
+    """Tokens to bring into the KV of each model of a request before its rows decode: the
+    prompt (a new request; its `n` rows fork from it), or one row's prompt and output so far
+    (a row resumed after preemption: recomputed, it continues where it was)."""
+
+    tokens: dict[str, list[int]]  # model -> the ids to hold
+    row: Sequence | None = None  # the resumed row, or None for a request's prompt
+    slots: dict[str, int] = field(default_factory=dict)  # model -> KV handle
+    cursor: dict[str, int] = field(default_factory=dict)  # model -> tokens held so far
+    last_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> [V]
+    looked_up: bool = False  # its handles exist, and the prefix cache has been asked
+    hits: dict[str, int] = field(default_factory=dict)  # model -> tokens the cache held
+
+    def left(self, model: str) -> int:
+        return len(self.tokens[model]) - self.cursor.get(model, 0)
+
+    @property
+    def done(self) -> bool:
+        return all(self.left(m) == 0 for m in self.tokens)
+
+
+@dataclass(eq=False)
 class RequestState:
     req: GenerationRequest
     loop: asyncio.AbstractEventLoop  # the caller's loop, where its events are delivered
     queue: asyncio.Queue
     models: list[str]  # models it prefills: its composition's, in family order
-    cost: int  # prompt tokens to prefill (longest per-model prompt)
     done: int = 0  # siblings finished (consumer side)
-    slots: dict[str, int] = field(default_factory=dict)  # model -> slot, while prefilling
-    cursor: dict[str, int] = field(default_factory=dict)  # model -> prompt tokens prefilled
-    last_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # model -> [V]
+    targets: list[Prefill] = field(default_factory=list)  # what is left to prefill
+    order: int = 0  # admission number: the newest request is preempted first
     prompt_lp: list[TokenLogprob | None] | None = None  # echo scoring, sent with the 1st token
     prompt_trace: list[TokenTrace | None] | None = None  # echo scoring with a trace
     reasons: list[str] = field(default_factory=list)  # finish reasons of its siblings so far
     # The family's draft model, when it is not in the composition but the request may speculate:
     # each row's `draft_slot` there (outside the composition) is filled at its first block.
     draft: str | None = None
+    resumed: list[Sequence] = field(default_factory=list)  # rows preempted, to continue
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            self.targets = [Prefill({m: self.req.prompt_ids[m] for m in self.models})]
 
     @property
     def rid(self) -> str:
@@ -43,6 +70,11 @@ class RequestState:
     @property
     def params(self) -> SamplingParams:
         return self.req.params
+
+    @property
+    def cost(self) -> int:
+        """Tokens left to prefill (the longest per-model list of each target, summed)."""
+        return sum(max(t.left(m) for m in t.tokens) for t in self.targets)
 
 
 @dataclass(eq=False)
@@ -54,7 +86,7 @@ class Sequence:
     params: SamplingParams
     detok: IncrementalDetokenizer
     generator: torch.Generator | None
-    slots: dict[str, int]  # model -> its KV slot in that model's runner
+    slots: dict[str, int]  # model -> its KV handle in that model's runner
     output: list[int] = field(default_factory=list)
     finished: bool = False
     draft_slot: int | None = None  # its slot in the draft model (RequestState.draft), if any

@@ -220,14 +220,21 @@ class SpeculativeDecoder:
             min(self.policy.block_for(s), max(0, s.params.max_tokens - len(s.output) - 1))
             for s in rows
         ]
-        kmax = max(ks)
         t0 = last.tolist()
-        start = {name: {s: r.lengths[s] for s in r.active} for name, r in self.runners.items()}
+        start = {
+            name: {s.slots[name]: self.runners[name].length(s.slots[name])
+                   for s in rows if name in s.slots}
+            for name in self.runners
+        }  # fmt: skip
         own = [d in s.slots for s, d in zip(rows, drafters)]
         for seq, d, o in zip(rows, drafters, own):
             if not o and seq.draft_slot is None:  # its first block: the catch-up fills it
                 seq.draft_slot = self.runners[d].allocate(d)
         slot = [s.slots[d] if o else s.draft_slot for s, d, o in zip(rows, drafters, own)]
+        for i, seq in enumerate(rows):
+            if ks[i] and not self._room(seq, ks[i], drafters[i], own[i], slot[i]):
+                ks[i] = 0  # no KV for a block now: this row decodes one token plainly
+        kmax = max(ks)
         seen = [0] * b
         q = torch.zeros(kmax, b, self.vocab, device=dev)
         draft_lp = torch.zeros(b, kmax, self.vocab, device=dev)
@@ -249,7 +256,7 @@ class SpeculativeDecoder:
                             chunks.append([t0[i]])
                             continue
                         history = rows[i].request.req.prompt_ids[name] + rows[i].output
-                        chunks.append(history[runner.lengths[slot[i]] :])  # ends with t0
+                        chunks.append(history[runner.length(slot[i]) :])  # ends with t0
                         seen[i] = len(history)
                     logits = runner.prefill([slot[i] for i in idx], chunks)
                 else:
@@ -262,6 +269,23 @@ class SpeculativeDecoder:
             inputs = drafts[:, j]
         return _Block(rows, drafters, own, slot, ks, t0, start, seen,
                       drafts.tolist(), q, draft_lp)  # fmt: skip
+
+    def _room(self, seq: Sequence, k: int, drafter: str, own: bool, slot: int) -> bool:
+        """Blocks for a block of k drafts: t0 and the drafts in every model of the row (the
+        scheduler gave t0's), and the catch-up and drafts in an outside draft model."""
+        want = {m: (h, self.runners[m].length(h) + k + 1) for m, h in seq.slots.items()}
+        if not own:
+            history = len(seq.request.req.prompt_ids[drafter]) + len(seq.output)
+            want[drafter] = (slot, history + k - 1)
+        need: dict[int, int] = {}
+        for m, (h, upto) in want.items():
+            runner = self.runners[m]
+            need[id(runner)] = need.get(id(runner), 0) + runner.needed(h, upto)
+        if any(need.get(id(self.runners[m]), 0) > self.runners[m].pool.num_free for m in want):
+            return False
+        for m, (h, upto) in want.items():
+            self.runners[m].reserve(h, upto)
+        return True
 
     def _verify(self, blk: _Block, stats) -> list[Source]:
         """2. Every other model of each row's composition forwards [t0, x_1 .. x_k] in one pass
@@ -449,8 +473,14 @@ class SpeculativeDecoder:
         for i, seq in enumerate(blk.rows):
             m, k = len(result.tokens[i]), blk.ks[i]
             self.policy.accepted(seq, k, m - 1)
+            held = [blk.t0[i]] + blk.drafts[i][: m - 1]  # t0 and the accepted drafts
             for name, s in seq.slots.items():
-                self.runners[name].lengths[s] = blk.start[name][s] + m
+                runner = self.runners[name]
+                runner.truncate(s, blk.start[name][s] + m)
+                if name == blk.drafted_by(i):  # it wrote them from device inputs
+                    runner.rewrite(s, blk.start[name][s], held)
             if not blk.own[i] and k > 0:
-                kept = blk.seen[i] + min(result.accepted[i], k - 1)
-                self.runners[blk.drafters[i]].lengths[blk.slot[i]] = kept
+                kept = min(result.accepted[i], k - 1)
+                runner = self.runners[blk.drafters[i]]
+                runner.truncate(blk.slot[i], blk.seen[i] + kept)
+                runner.rewrite(blk.slot[i], blk.seen[i], blk.drafts[i][:kept])

@@ -420,8 +420,8 @@ def test_nan_in_one_row_fails_only_that_request(tiny_family):
     emb = tiny_family.models["helpful"].module.get_input_embeddings()
 
     def hook(module, args, output):
-        rows = (args[0] == poison).any(-1)
-        output[rows] = float("nan")
+        # The poisoned tokens' embeddings (a forward holds every row's tokens in one row).
+        output[args[0] == poison] = float("nan")
         return output
 
     handle = emb.register_forward_hook(hook)
@@ -904,6 +904,37 @@ def test_trace_gives_each_models_logprob_and_argmax_of_every_token(tiny_family):
         assert abs(tr.models["helpful"] - lp[j, pids[j + 1]].item()) < 1e-4
 
 
+def tiny_runner(blocks: int = 64, block_size: int = 16):
+    """A real runner (2-layer Llama) with a pool of `blocks` blocks, for scheduler tests."""
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from decoding.family import LoadedModel
+    from decoding.runner import ModelRunner
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config).eval()
+    cpu = torch.device("cpu")
+    loaded = LoadedModel("m", model, SimpleNamespace(pad_token_id=0), cpu, cpu, torch.float32,
+                         0, 4096, "plain")  # fmt: skip
+    runner = ModelRunner(loaded)
+    runner.allocate_pool(blocks, block_size, prefix_caching=True)
+    return runner
+
+
+def waiting_request(n_tokens: int, rid: str = "r", **params):
+    from decoding.request import Composition, GenerationRequest
+    from decoding.sequence import RequestState
+
+    req = GenerationRequest(rid, {"m": list(range(n_tokens))}, Composition({"m": 1.0}),
+                            SamplingParams(**params))  # fmt: skip
+    return RequestState(req, None, None, ["m"])
+
+
 def test_joining_prompts_get_a_prefill_share_per_decoding_row():
     """While 20 rows decode, a 100-token prompt is prefilled 20 tokens a step (prefill_share 1),
     not all at once; with no row decoding it takes the whole budget."""
@@ -911,20 +942,16 @@ def test_joining_prompts_get_a_prefill_share_per_decoding_row():
 
     from decoding.scheduler import Scheduler
 
-    def waiting(n_tokens: int):
-        req = SimpleNamespace(prompt_ids={"m": list(range(n_tokens))},
-                              params=SamplingParams(n=1))  # fmt: skip
-        return SimpleNamespace(req=req, params=req.params, models=["m"], cost=n_tokens, cursor={})
-
-    sched = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512))
-    sched.running = [SimpleNamespace(request=object()) for _ in range(20)]
-    sched.waiting.append(waiting(100))
+    runners = {"m": tiny_runner()}
+    sched = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512), runners)
+    sched.running = [SimpleNamespace(request=object(), slots={}) for _ in range(20)]
+    sched.waiting.append(waiting_request(100))
     plan, admitted = sched.schedule()
     assert len(admitted) == 1 and plan.prefill[0].spans == {"m": (0, 20)}
-    alone = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512))
-    alone.waiting.append(waiting(100))
+    alone = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512), runners)
+    alone.waiting.append(waiting_request(100))
     assert alone.schedule()[0].prefill[0].spans == {"m": (0, 100)}
-    unlimited = Scheduler(EngineConfig(max_num_batched_tokens=512, prefill_share=0))
+    unlimited = Scheduler(EngineConfig(max_num_batched_tokens=512, prefill_share=0), runners)
     unlimited.running = list(sched.running)
-    unlimited.waiting.append(waiting(100))
+    unlimited.waiting.append(waiting_request(100))
     assert unlimited.schedule()[0].prefill[0].spans == {"m": (0, 100)}

@@ -1,4 +1,5 @@
-"""`ModelRunner` alone: every addressing mode of the KV slots against full-sequence forwards."""
+"""`ModelRunner` alone: the paged pool and the flattened forward against full-sequence
+forwards, and the block bookkeeping (sharing, prefix keys, sliding windows, roll back)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from decoding.blocks import NULL_BLOCK, BlockPool, KVSeq, OutOfBlocks
 from decoding.family import LoadedModel
 from decoding.runner import ModelRunner
 
 V = 200
 
 
-def runner(model_type: str, slots: int = 6, **extra) -> ModelRunner:
+def runner(model_type: str, blocks: int = 64, block_size: int = 4, **extra) -> ModelRunner:
     torch.manual_seed(0)
     config = AutoConfig.for_model(
         model_type, vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -24,9 +26,9 @@ def runner(model_type: str, slots: int = 6, **extra) -> ModelRunner:
     model = AutoModelForCausalLM.from_config(config).eval()
     cpu = torch.device("cpu")
     tok = SimpleNamespace(pad_token_id=0)
-    return ModelRunner(
-        LoadedModel("m", model, tok, cpu, cpu, torch.float32, 0, 128, "plain"), slots
-    )
+    r = ModelRunner(LoadedModel("m", model, tok, cpu, cpu, torch.float32, 0, 128, "plain"))
+    r.allocate_pool(blocks, block_size, prefix_caching=True)
+    return r
 
 
 @torch.inference_mode()
@@ -40,38 +42,45 @@ def prompts(n: int, seed: int = 1) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 6})])
-def test_sparse_rows_after_leaves_decode_like_full_forwards(model_type, extra):
+def test_decode_rows_and_prompt_chunks_in_one_forward_match_full_forwards(model_type, extra):
     r = runner(model_type, **extra)
-    seqs = prompts(6)
-    slots = [r.allocate() for _ in seqs]
-    last = r.prefill(slots, seqs)
-    for k in range(4):  # slots 0..3 leave: the two left are sparse among six
-        r.free(slots[k])
-    alive = [4, 5]
-    for _ in range(8):
-        toks = [int(last[i].argmax()) for i in range(len(last))]
-        if len(last) == 6:
-            toks = [toks[k] for k in alive]
-        for k, t in zip(alive, toks):
-            seqs[k].append(t)
-        last = r.decode([slots[k] for k in alive], torch.tensor(toks))
-        for i, k in enumerate(alive):
-            torch.testing.assert_close(last[i], full(r, seqs[k]), atol=1e-4, rtol=0)
+    seqs = prompts(4)
+    hs = [r.allocate() for _ in seqs]
+    last = r.forward(hs[:2], [seqs[0], seqs[1]])
+    r.forward(hs[2:], [seqs[2][:4], seqs[3][:4]])  # prompts in two chunks
+    toks = [int(last[0].argmax()), int(last[1].argmax())]
+    for s, t in zip(seqs, toks):
+        s.append(t)
+    # Two decode rows (ids on the device) and two prompt chunks, one forward.
+    out = r.forward(hs, [None, None, seqs[2][4:], seqs[3][4:]], torch.tensor(toks))
+    for _ in range(10):
+        for i in range(4):
+            torch.testing.assert_close(out[i], full(r, seqs[i]), atol=1e-4, rtol=0)
+        toks = [int(o.argmax()) for o in out]
+        for s, t in zip(seqs, toks):
+            s.append(t)
+        out = r.decode(hs, torch.tensor(toks))
+    if "sliding_window" in extra:  # blocks behind every layer's window were given back
+        assert r.pool.num_used < sum(-(-len(s) // 4) for s in seqs)
+    for h in hs:
+        r.free(h)
+    assert r.pool.num_used == 0 and r.nbytes() == 0 and r.num_tokens() == 0
 
 
-def test_forked_siblings_and_a_reused_slot_decode_independently():
-    r = runner("llama", slots=4)
+def test_forked_siblings_share_full_blocks_and_decode_independently():
+    r = runner("llama")
     a, b = prompts(2, seed=2)
     sa = r.allocate()
     first = r.prefill([sa], [a])[0]
+    used = r.pool.num_used
     (sib,) = r.fork(sa, 1)
+    assert r.pool.num_used == used + 1  # only the partial last block was copied
     sb = r.allocate()
     r.prefill([sb], [b])
-    r.free(sb)  # leaves at once; its slot is taken by the next prompt
+    r.free(sb)  # leaves at once; its blocks go back to the pool
     sc = r.allocate()
-    assert sc == sb
     c = prompts(1, seed=3)[0]
-    r.prefill([sc], [c[:4]])  # a prompt in two chunks: the second attends to the first
+    r.prefill([sc], [c[:4]])
     r.prefill([sc], [c[4:]])
     t = int(first.argmax())
     out = r.decode([sa, sib, sc], torch.tensor([t, (t + 1) % V, 7]))
@@ -81,38 +90,63 @@ def test_forked_siblings_and_a_reused_slot_decode_independently():
     assert r.num_tokens() == 2 * (len(a) + 1) + len(c) + 1
 
 
-def test_buffers_are_released_when_the_last_sequence_leaves():
+def test_a_cached_prefix_is_reused_and_only_the_rest_is_computed():
     r = runner("llama")
-    s = r.allocate()
-    r.prefill([s], prompts(1)[:1])
-    assert r.nbytes() > 0
-    r.free(s)
-    assert r.nbytes() == 0 and r.num_tokens() == 0
+    (ids,) = prompts(1, seed=4)
+    ids = (ids * 4)[:18]  # 4 full blocks of 4 and 2 tokens
+    h = r.allocate()
+    want = r.prefill([h], [ids])[0]
+    r.free(h)  # its full blocks stay cached
+    again = r.allocate()
+    hit = r.match_prefix(again, ids)
+    assert hit == 16
+    got = r.prefill([again], [ids[hit:]])[0]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    # A prompt that is all cached still computes its last token (its logits are needed).
+    r.free(again)
+    exact = r.allocate()
+    assert r.match_prefix(exact, ids[:16]) == 12
 
 
-def test_self_check_refuses_a_model_that_ignores_the_slot_masks():
+def test_self_check_refuses_a_model_that_ignores_the_paged_attention():
     from decoding.runner import UnsupportedModelError
 
     r = runner("llama")
-    r.self_check()  # a supported architecture passes and leaves no slot behind
-    assert not r.active and r.nbytes() == 0
-    r._masks = lambda q_pos, valid, width: None  # as a model that builds its own masks would
+    r.self_check()  # a supported architecture passes and leaves no KV behind
+    assert not r.active and r.pool.num_used == 0
+    r.windows = [1] * len(r.windows)  # as if attention saw one key only
     with pytest.raises(UnsupportedModelError, match="differs from its own full forward"):
         r.self_check()
     assert not r.active
 
 
-def test_a_full_slot_forks_into_siblings():
-    """A prompt that fills its slot exactly: source and target rows of the copy then overlap in
-    memory, which an in-place copy refuses (found by the 30-minute soak)."""
-    r = runner("llama", slots=3)
-    (ids,) = prompts(1, seed=4)
-    ids = (ids * 20)[:64]  # 64 tokens: exactly the first capacity step
-    s = r.allocate()
-    first = r.prefill([s], [ids])[0]
-    assert r.cache.capacity == r.lengths[s] == 64
-    (sib,) = r.fork(s, 1)
-    t = int(first.argmax())
-    out = r.decode([s, sib], torch.tensor([t, (t + 1) % V]))
-    torch.testing.assert_close(out[0], full(r, ids + [t]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(out[1], full(r, ids + [(t + 1) % V]), atol=1e-4, rtol=0)
+def test_block_pool_reference_counts_lru_eviction_and_roll_back():
+    pool = BlockPool(num_blocks=5, block_size=2)
+    a = KVSeq("m")
+    pool.reserve(a, 4)
+    a.tokens = [1, 2, 3, 4]
+    pool.commit(a)
+    assert len(pool.by_key) == 2 and pool.num_free == 2
+    b = KVSeq("m")
+    assert pool.match(b, [1, 2, 3, 4, 5]) == 4  # shares both blocks
+    assert pool.refs[a.blocks[0]] == 2
+    pool.free(a)
+    pool.free(b)
+    assert pool.num_free == 4  # cached blocks count as free...
+    c = KVSeq("m")
+    pool.reserve(c, 8)  # ...and are evicted, least recently used last
+    assert not pool.by_key and pool.num_free == 0
+    with pytest.raises(OutOfBlocks):
+        pool.reserve(KVSeq("m"), 1)
+    # Roll back into a keyed block: it loses its key (its tail will be overwritten).
+    pool.free(c)
+    d = KVSeq("m")
+    pool.reserve(d, 4)
+    d.tokens = [5, 6, 7, 8]
+    pool.commit(d)
+    pool.truncate(d, 3)
+    assert len(pool.by_key) == 1 and len(d.blocks) == 2
+    other = KVSeq("other")  # another member never matches these keys
+    assert pool.match(other, [5, 6, 7, 8, 9]) == 0
+    pool.drop_before(d, 2)
+    assert d.blocks[0] == NULL_BLOCK

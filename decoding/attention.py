@@ -1,0 +1,224 @@
+"""Attention over the paged KV pool, for one flattened forward of many sequences.
+
+A runner's forward holds every token of its step in one row (`input_ids` [1, T]): the decode
+tokens of the running sequences and the prompt chunks of those being prefilled, with no
+padding. transformers runs the model unmodified; only its attention function is ours:
+`paged_attention` is registered through transformers' public `AttentionInterface` under
+`ATTENTION`, and the runner switches a module to it for its own forwards only. Since that name
+has no mask function registered, transformers builds no attention mask at all; the function
+reads the step's layout from the `StepBatch` the runner activates around the forward.
+
+Each layer's call:
+1. writes the step's new keys and values into the pool at `slot_mapping` (block * size +
+   offset of every token);
+2. attends each sequence's queries to its keys, read through its block table:
+   - on CUDA, one call to a varlen paged kernel when the installed torch has one
+     (`torch.nn.attention.varlen.varlen_attn` with a block table), chosen at start;
+   - otherwise the exact path: the decode tokens of the step in one batched SDPA over their
+     gathered blocks (a key mask per row: its length and window), and each prompt chunk in
+     one SDPA with a causal mask offset by what the sequence already holds.
+
+A model that gives `softcap` (Gemma-2) runs the exact path's manual softmax; sliding-window
+layers mask keys before `position - window + 1` (transformers' convention).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTENTION = "eft_paged"
+
+
+@dataclass
+class Chunk:
+    """A run of more than one query token of one sequence (a prompt chunk, a verify block)."""
+
+    start: int  # index of its first token in the flattened step
+    length: int  # its tokens
+    table: torch.Tensor  # [blocks] its block table (device)
+    first: int  # position of its first token in the sequence
+
+
+@dataclass
+class StepBatch:
+    """Everything one flattened forward needs besides the token ids: built on the host, moved
+    to the device in one copy. Plain tensors and ints, so it could be broadcast to the ranks of
+    a tensor-parallel group as it is."""
+
+    block_size: int
+    slot_mapping: torch.Tensor  # [T] where each token's KV goes
+    # Single-token sequences (decode rows), attended in one batched call:
+    decode_index: torch.Tensor  # [Bd] their tokens' indices in the step
+    decode_tables: torch.Tensor  # [Bd, nb] block tables, padded with the null block
+    decode_positions: torch.Tensor  # [Bd] their positions
+    chunks: list[Chunk]
+    num_tokens: int
+    all_decode: bool  # every token is a decode token, in step order (no scatter needed)
+    windows: list[int | None]  # per layer (None: full attention)
+    pools: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [N, block, heads, dim]
+    # For a varlen kernel: cumulative query lengths, each sequence's KV length and table.
+    cu_q: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    tables: torch.Tensor | None = None
+    max_q: int = 1
+    max_k: int = 1
+    _masks: dict = field(default_factory=dict)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor:
+        """[Bd, 1, 1, nb * block] True where a decode row may attend."""
+        key = ("decode", window)
+        if key not in self._masks:
+            width = self.decode_tables.shape[1] * self.block_size
+            keys = torch.arange(width, device=self.decode_positions.device)
+            pos = self.decode_positions.unsqueeze(-1)
+            ok = keys <= pos
+            if window is not None:
+                ok = ok & (keys > pos - window)
+            self._masks[key] = ok[:, None, None, :]
+        return self._masks[key]
+
+    def chunk_mask(self, i: int, window: int | None) -> torch.Tensor:
+        """[1, 1, t, nb * block] causal mask of chunk `i`, offset by what precedes it."""
+        key = (i, window)
+        if key not in self._masks:
+            c = self.chunks[i]
+            width = c.table.shape[0] * self.block_size
+            keys = torch.arange(width, device=c.table.device)
+            pos = torch.arange(c.first, c.first + c.length, device=c.table.device).unsqueeze(-1)
+            ok = keys <= pos
+            if window is not None:
+                ok = ok & (keys > pos - window)
+            self._masks[key] = ok[None, None]
+        return self._masks[key]
+
+
+_active = threading.local()
+
+
+class activated:
+    """`with activated(batch):` the forwards on this thread attend through `batch`."""
+
+    def __init__(self, batch: StepBatch):
+        self.batch = batch
+
+    def __enter__(self) -> StepBatch:
+        _active.batch = self.batch
+        return self.batch
+
+    def __exit__(self, *exc) -> None:
+        _active.batch = None
+
+
+def current() -> StepBatch:
+    batch = getattr(_active, "batch", None)
+    if batch is None:
+        raise RuntimeError("paged attention called outside a runner's forward")
+    return batch
+
+
+def _attend(q, k, v, mask, scale, softcap):
+    """softmax(q k^T * scale [softcapped], masked) v, with grouped KV heads. q [b, H, t, d],
+    k/v [b, Hkv, s, d], mask [b, 1, t, s] bool."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
+
+
+def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """[..., nb] block tables -> [..., heads, nb * block, dim] keys (or values)."""
+    x = pool[tables]  # [..., nb, block, heads, dim]
+    x = x.flatten(-4, -3)  # [..., nb * block, heads, dim]
+    return x.transpose(-3, -2)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [1, H, T, d], key/value [1, Hkv, T, d] (the
+    step's new tokens); returns [1, T, H, d]."""
+    batch = current()
+    layer = module.layer_idx
+    k_pool, v_pool = batch.pools[layer]
+    window = batch.windows[layer]
+    # 1. The new tokens' KV into their blocks.
+    k_new = key[0].transpose(0, 1).to(k_pool.dtype)  # [T, Hkv, d]
+    v_new = value[0].transpose(0, 1).to(v_pool.dtype)
+    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, batch.slot_mapping, k_new)
+    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, batch.slot_mapping, v_new)
+    q = query[0].transpose(0, 1)  # [T, H, d]
+    if batch.cu_q is not None and softcap is None:
+        out = _varlen(q, k_pool, v_pool, batch, window, scaling)
+        return out.unsqueeze(0), None
+    # 2. The exact path.
+    if batch.all_decode:
+        k = _gather(k_pool, batch.decode_tables)
+        v = _gather(v_pool, batch.decode_tables)
+        out = _attend(q.unsqueeze(2), k, v, batch.decode_mask(window), scaling, softcap)
+        return out.squeeze(2).unsqueeze(0), None
+    out = q.new_empty(q.shape)
+    if batch.decode_index.numel():
+        k = _gather(k_pool, batch.decode_tables)
+        v = _gather(v_pool, batch.decode_tables)
+        qd = q.index_select(0, batch.decode_index).unsqueeze(2)
+        od = _attend(qd, k, v, batch.decode_mask(window), scaling, softcap)
+        out.index_copy_(0, batch.decode_index, od.squeeze(2))
+    for i, c in enumerate(batch.chunks):
+        k = _gather(k_pool, c.table).unsqueeze(0)
+        v = _gather(v_pool, c.table).unsqueeze(0)
+        qc = q[c.start : c.start + c.length].transpose(0, 1).unsqueeze(0)  # [1, H, t, d]
+        oc = _attend(qc, k, v, batch.chunk_mask(i, window), scaling, softcap)
+        out[c.start : c.start + c.length] = oc[0].transpose(0, 1)
+    return out.unsqueeze(0), None
+
+
+def _varlen(q, k_pool, v_pool, batch: StepBatch, window, scaling):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(
+        q, k_pool, v_pool, batch.cu_q, None, batch.max_q, batch.max_k,
+        scale=scaling, window_size=(-1, 0) if window is None else (window - 1, 0),
+        enable_gqa=q.shape[1] != k_pool.shape[2], seqused_k=batch.seq_lens,
+        block_table=batch.tables,
+    )  # fmt: skip
+
+
+def varlen_kernel_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether this torch has a paged varlen kernel for `device`/`dtype` (CUDA, half types)."""
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        import inspect
+
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return False
+    return "block_table" in inspect.signature(varlen_attn).parameters
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, paged_attention)
