@@ -21,3 +21,12 @@ class EngineConfig:
     idle_wait_s: float = 0.5  # how long the idle loop sleeps between checks for shutdown
     # Speculative EFT: "auto" (where it measures faster), "off", or "K" (always, blocks <= K).
     speculative: str = "auto"
+    # Paged KV: every model's pool together gets `kv_cache_memory` bytes; None sizes it from
+    # the device (CUDA: `gpu_memory_utilization` of its memory, less weights and activations;
+    # CPU: what `max_batch_size` rows at the context limit could need, at most a quarter of
+    # the machine's memory).
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    block_size: int = 16  # tokens per KV block
+    prefix_caching: bool = True  # share the KV of full blocks with an equal prefix
+    cuda_graphs: str = "auto"  # "auto" | "off"; captured decode needs CUDA (see runner.py)

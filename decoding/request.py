@@ -163,8 +163,14 @@ class StepStats:
     forward_seconds: dict[str, float] = field(default_factory=dict)  # per model run this step
     combine_seconds: float = 0.0
     sample_seconds: float = 0.0
-    kv_cache_tokens: dict[str, int] = field(default_factory=dict)  # per model, slots in use
-    kv_cache_bytes: dict[str, int] = field(default_factory=dict)
+    kv_cache_tokens: dict[str, int] = field(default_factory=dict)  # per model, tokens held
+    kv_cache_bytes: dict[str, int] = field(default_factory=dict)  # per model, blocks in use
+    kv_cache_capacity_bytes: dict[str, int] = field(default_factory=dict)  # per model, the pool
+    kv_cache_usage: float = 0.0  # blocks in use / blocks, over every pool
+    # Prefix caching, per model: prompt tokens looked up this step, and found cached.
+    prefix_cache_queries: dict[str, int] = field(default_factory=dict)
+    prefix_cache_hits: dict[str, int] = field(default_factory=dict)
+    preemptions: int = 0  # requests preempted this step (KV freed, requeued, recomputed)
     finished: list[tuple[str, str]] = field(default_factory=list)  # (request_id, finish_reason)
     spec_draft_tokens: int = 0  # speculative decoding: tokens drafted this step
     spec_accepted_tokens: int = 0  # ... and accepted by the verification
