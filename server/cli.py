@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
+
+from decoding.config import EngineConfig  # a plain dataclass: cheap before the checks
 
 log = logging.getLogger("eft_serve")
 
@@ -43,6 +48,53 @@ def _speculative(value: str) -> str:
     if value in ("auto", "off") or (value.isdigit() and 1 <= int(value) <= 8):
         return value
     raise argparse.ArgumentTypeError("must be auto, off or a block length from 1 to 8")
+
+
+# Decimal prefixes are powers of 1000 and binary ones (with "i") powers of 1024, as in vLLM and
+# Kubernetes, so "8GB" and "8GiB" both mean what a reader of either convention expects.
+_SIZE_UNITS = {"": 1, **{p: 1000 ** (i + 1) for i, p in enumerate("kmgt")},
+               **{p + "i": 1024 ** (i + 1) for i, p in enumerate("kmgt")}}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?)?b?\s*", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1073741824", "512MiB", "8GB", "1.5GiB" or "64k" (unit letters in any case,
+    the trailing B optional). Decimal arithmetic keeps "1.5GiB" exact; a size that is not a
+    whole number of bytes, or not positive, is refused rather than rounded."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size: a number of bytes, optionally with a unit "
+                         "(kB, MB, GB, TB = 1000^n; KiB, MiB, GiB, TiB = 1024^n)")
+    size = Decimal(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if size != size.to_integral_value() or size <= 0:
+        raise ValueError(f"{text!r} is not a positive whole number of bytes")
+    return int(size)
+
+
+def _kv_cache_memory(value: str) -> int:
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _gpu_memory_utilization(value: str) -> float:
+    try:
+        share = float(value)
+    except ValueError:
+        share = math.nan
+    if not 0 < share <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{value!r}: must be a fraction in (0, 1]")
+    return share
+
+
+def _block_size(value: str) -> int:
+    # vLLM's range: a block is the unit of sharing and of waste (a sequence's last block is
+    # partly empty), so large blocks share fewer prefixes and strand more memory.
+    n = int(value) if value.isdigit() else 0
+    if not 1 <= n <= 256 or n & (n - 1):
+        raise argparse.ArgumentTypeError(f"{value!r}: must be a power of two from 1 to 256")
+    return n
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens one step may process: one per decoding row, the rest for prompt "
                         "chunks (longer prompts are chunked; default 512)")
+    p.add_argument("--kv-cache-memory", type=_kv_cache_memory, default=None, metavar="SIZE",
+                   help="bytes for every model's KV-cache pool together, allocated once at "
+                        "start, e.g. 8GiB, 512MiB, 4GB (kB/MB/GB = 1000^n, KiB/MiB/GiB = "
+                        "1024^n); wins over --gpu-memory-utilization (default: sized from the "
+                        "device)")
+    p.add_argument("--gpu-memory-utilization", type=_gpu_memory_utilization, default=0.9,
+                   metavar="F",
+                   help="on CUDA without --kv-cache-memory: the share of GPU memory the "
+                        "process may use; what weights and activations leave of it is the KV "
+                        "pool")
+    p.add_argument("--block-size", type=_block_size, default=16, metavar="N",
+                   help="tokens per KV-cache block (a power of two from 1 to 256)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="do not share the KV of equal prompt prefixes between requests "
+                        "(default: shared)")
+    p.add_argument("--cuda-graphs", default="auto", choices=("auto", "off"),
+                   help="capture the decode step in CUDA graphs where the device allows "
+                        "(auto), or never (off)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads torch may use per operation (default: torch's own, one "
                         "per core). 1 is much faster for small models on a shared machine")
@@ -114,6 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "beyond it are closed")
     p.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="logging verbosity")
     return p
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The engine's settings from the parsed flags."""
+    cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
+                       speculative=args.speculative, prefill_share=max(0.0, args.prefill_share),
+                       kv_cache_memory=args.kv_cache_memory,
+                       gpu_memory_utilization=args.gpu_memory_utilization,
+                       block_size=args.block_size, prefix_caching=args.prefix_caching,
+                       cuda_graphs=args.cuda_graphs)
+    if args.max_num_batched_tokens:
+        cfg.max_num_batched_tokens = args.max_num_batched_tokens
+    return cfg
 
 
 def _server_class(on_drain: Callable[[], None]) -> type:
@@ -177,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     # Heavy imports after argument checks, so `--help` and config errors answer at once.
     import uvicorn
 
-    from decoding.engine import Engine, EngineConfig
+    from decoding.engine import Engine
     from decoding.family import FamilyConfig, FamilyError, load_family
     from server.app import ServerSettings, create_app
     from server.metrics import ServerMetrics
@@ -196,12 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         family = load_family(config, device=args.device, dtype=args.dtype,
                              max_model_len=args.max_model_len)
         metrics = ServerMetrics.for_family(family)
-        engine_cfg = EngineConfig(max_batch_size=args.max_batch_size, max_waiting=args.max_waiting,
-                                  speculative=args.speculative,
-                                  prefill_share=max(0.0, args.prefill_share))
-        if args.max_num_batched_tokens:
-            engine_cfg.max_num_batched_tokens = args.max_num_batched_tokens
-        engine = Engine(family, engine_cfg, on_step=metrics.on_step)  # refuses an architecture
+        # Engine() refuses an architecture it cannot run (a FamilyError, like a bad family).
+        engine = Engine(family, engine_config(args), on_step=metrics.on_step)
     except FamilyError as exc:
         print(f"eft-serve: {exc}", file=sys.stderr)
         return 2

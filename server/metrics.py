@@ -2,7 +2,8 @@
 
 Two feeds:
 - the engine's `on_step(StepStats)` observer (engine thread): batch size, per-model forward time,
-  combine/sample/step time, token counters, KV-cache occupancy, speculative counters;
+  combine/sample/step time, token counters, KV-cache occupancy and capacity, prefix-cache
+  lookups, preemptions, speculative counters;
 - the HTTP layer (event loop): TTFT, inter-token and end-to-end latency, per-request sizes,
   finish and failure reasons, knob usage.
 Running/waiting are read from the engine at scrape time, so they are exact even when the engine
@@ -119,10 +120,27 @@ class ServerMetrics:
                                 buckets=STEP_BUCKETS, registry=r)
         self.step = Histogram("eft_step_seconds", "Wall time of one engine step.",
                               buckets=STEP_BUCKETS, registry=r)
-        self.kv_tokens = Gauge("eft_kv_cache_tokens", "KV-cache positions in use per model.",
+        self.kv_tokens = Gauge("eft_kv_cache_tokens", "KV-cache tokens held per model.",
                                ["model"], registry=r)
-        self.kv_bytes = Gauge("eft_kv_cache_bytes", "KV-cache bytes allocated per model.",
+        self.kv_bytes = Gauge("eft_kv_cache_bytes",
+                              "KV-cache bytes in use per model (its blocks in use).",
                               ["model"], registry=r)
+        self.kv_capacity = Gauge("eft_kv_cache_capacity_bytes",
+                                 "KV-cache pool bytes per model, allocated once at start.",
+                                 ["model"], registry=r)
+        self.kv_usage = Gauge("eft_kv_cache_usage",
+                              "Fraction of KV-cache blocks in use, over every model's pool "
+                              "(1 = full: new requests wait, running ones may be preempted).",
+                              registry=r)
+        self.prefix_queries = Counter("eft_prefix_cache_queries",
+                                      "Prompt tokens looked up in the prefix cache.", ["model"],
+                                      registry=r)
+        self.prefix_hits = Counter("eft_prefix_cache_hits",
+                                   "Prompt tokens found in the prefix cache (not recomputed).",
+                                   ["model"], registry=r)
+        self.preemptions = Counter("eft_num_preemptions",
+                                   "Requests preempted for KV-cache space (their KV freed, "
+                                   "recomputed when they resume).", registry=r)
         self.spec_draft = Counter("eft_spec_decode_draft_tokens",
                                   "Tokens drafted by the expert mixture.", registry=r)
         self.spec_accepted = Counter("eft_spec_decode_accepted_tokens",
@@ -155,8 +173,9 @@ class ServerMetrics:
             self.request_failure.labels(reason=reason)
         for m in self.model_names:
             self.model_forward.labels(model=m)
-            self.kv_tokens.labels(model=m)
-            self.kv_bytes.labels(model=m)
+            for per_model in (self.kv_tokens, self.kv_bytes, self.kv_capacity,
+                              self.prefix_queries, self.prefix_hits):
+                per_model.labels(model=m)
             self.model_info.labels(model=m, role=(roles or {}).get(m, "model")).set(1)
         for e in self.experts:
             self.knob_requests.labels(expert=e)
@@ -192,18 +211,15 @@ class ServerMetrics:
         for model, sec in s.forward_seconds.items():
             if model in self.model_names:  # never create a label value we did not expect
                 self.model_forward.labels(model=model).observe(sec)
-        for model, n in s.kv_cache_tokens.items():
-            if model in self.model_names:
-                self.kv_tokens.labels(model=model).set(n)
-        if not s.kv_cache_tokens and s.num_running == 0 and s.num_waiting == 0:
-            # A report without KV figures (e.g. after a cancel) that says nothing runs and
-            # nothing waits: no cache position is in use, and no step will follow to say so.
-            for m in self.model_names:
-                self.kv_tokens.labels(model=m).set(0)
-        for model, n in s.kv_cache_bytes.items():
-            if model in self.model_names:
-                self.kv_bytes.labels(model=model).set(n)
-        _record_nonzero((self.spec_draft.inc, s.spec_draft_tokens),
+        self._kv_occupancy(s)
+        for model, n in self._known(s.kv_cache_capacity_bytes):
+            self.kv_capacity.labels(model=model).set(n)
+        for model, n in self._known(s.prefix_cache_queries):
+            self.prefix_queries.labels(model=model).inc(n)
+        for model, n in self._known(s.prefix_cache_hits):
+            self.prefix_hits.labels(model=model).inc(n)
+        _record_nonzero((self.preemptions.inc, s.preemptions),
+                        (self.spec_draft.inc, s.spec_draft_tokens),
                         (self.spec_accepted.inc, s.spec_accepted_tokens),
                         (self.spec_drafts.inc, s.spec_num_drafts))
         for drafter, drafted, accepted in s.spec_blocks:
@@ -211,6 +227,29 @@ class ServerMetrics:
                 self.spec_acceptance.labels(drafter=drafter).observe(accepted / drafted)
         if s.spec_speedup is not None:
             self.spec_speedup.set(s.spec_speedup)
+
+    def _kv_occupancy(self, s: StepStats) -> None:
+        """Tokens, bytes and blocks in use. Only a report with KV figures carries them: the
+        one after a cancel has none, and its default usage of 0 would be a false "empty"."""
+        if s.kv_cache_tokens or s.kv_cache_bytes:
+            for model, n in self._known(s.kv_cache_tokens):
+                self.kv_tokens.labels(model=model).set(n)
+            for model, n in self._known(s.kv_cache_bytes):
+                self.kv_bytes.labels(model=model).set(n)
+            self.kv_usage.set(s.kv_cache_usage)
+        elif s.num_running == 0 and s.num_waiting == 0:
+            # Nothing runs and nothing waits: no block is in use (cached prefixes of finished
+            # requests are free to evict, so they count as free, as in vLLM), and no step
+            # will follow to say so.
+            for m in self.model_names:
+                self.kv_tokens.labels(model=m).set(0)
+                self.kv_bytes.labels(model=m).set(0)
+            self.kv_usage.set(0)
+
+    def _known(self, per_model: dict[str, int]) -> list[tuple[str, int]]:
+        """The report's entries for the models fixed at start: any other name would create a
+        label value, hence a series, that nobody expects."""
+        return [(m, n) for m, n in per_model.items() if m in self.model_names]
 
     # ------------------------------------------------------------ HTTP feed (event loop)
     def failure(self, reason: str) -> None:
