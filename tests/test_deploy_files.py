@@ -200,6 +200,8 @@ def test_dashboard_shows_every_contract_metric():
         "eft_spec_decode_accepted_tokens_total", "eft_knob_requests_total",
         "eft_combine_seconds_sum", "eft_kv_cache_tokens", "eft_kv_cache_bytes",
         "eft_spec_decode_num_drafts_total", "eft_spec_decode_measured_speedup",
+        "eft_kv_cache_capacity_bytes", "eft_kv_cache_usage", "eft_prefix_cache_queries_total",
+        "eft_prefix_cache_hits_total", "eft_num_preemptions_total",
     }
     missing = contract - metric_names_in(DASHBOARD.read_text())
     assert not missing, f"no panel shows {sorted(missing)}"
