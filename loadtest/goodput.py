@@ -11,9 +11,10 @@ Poisson process at each `--rate`/`--rates` value and carry the benchmarks' mixed
 streamed, so each request's TTFT and token times are measured by `loadtest.client`.
 
 Per rate: goodput = requests meeting both objectives / the run's wall time, and attainment =
-that count / requests sent (a failed request misses both). The reported `goodput` is the best
-over the swept rates. DistServe's own summary, the highest rate whose attainment reaches a
-target (`--attainment`, 0.9), is reported next to it as `max_rate_at_attainment`.
+that count / requests sent (a failed request misses both; "unsent" are requests the
+`--duration` cap kept from starting). The reported `goodput` is the best over the swept rates.
+DistServe's own summary, the highest rate whose attainment reaches a target (`--attainment`,
+0.9), is reported next to it as `max_rate_at_attainment`.
 
 A request's mean ITL is (last token time - first token time) / (output tokens - 1): a per-token
 figure whether or not the server merged tokens into one chunk. A one-token answer has no gap and
@@ -129,13 +130,13 @@ def format_report(res: dict) -> str:
     slo = res["slo"]
     lines = [
         f"objectives: TTFT <= {slo['ttft_ms']:g} ms and mean ITL <= {slo['itl_ms']:g} ms",
-        f"{'rate':>6} {'sent':>5} {'done':>5} {'good':>5} {'attain':>7} {'goodput':>8} "
-        f"{'TTFT p50/p90 ms':>17} {'ITL p50/p90 ms':>16}",
+        f"{'rate':>6} {'sent':>5} {'unsent':>6} {'done':>5} {'good':>5} {'attain':>7} "
+        f"{'goodput':>8} {'TTFT p50/p90 ms':>17} {'ITL p50/p90 ms':>16}",
     ]
     for r in res["per_rate"]:
         lines.append(
-            f"{r['rate']:>6g} {r['sent']:>5} {r['completed']:>5} {r['good']:>5} "
-            f"{100 * r['attainment']:>6.1f}% {r['goodput']:>8.2f} "
+            f"{r['rate']:>6g} {r['sent']:>5} {r['not_sent']:>6} {r['completed']:>5} "
+            f"{r['good']:>5} {100 * r['attainment']:>6.1f}% {r['goodput']:>8.2f} "
             f"{r['ttft_ms']['p50']:>8.1f}/{r['ttft_ms']['p90']:<8.1f} "
             f"{r['mean_itl_ms']['p50']:>7.1f}/{r['mean_itl_ms']['p90']:<8.1f}"
         )
