@@ -168,6 +168,8 @@ def compare(runs: dict[str, list[dict[str, float]]]) -> dict:
         out["step_vs_baseline"] = old["step_ms"] / new["step_ms"]
     if "combine_ms" in old and new["combine_ms"] > 0:
         out["combine_vs_baseline"] = old["combine_ms"] / new["combine_ms"]
+    if "ttft_p50_ms" in old:
+        out["ttft_vs_baseline"] = old["ttft_p50_ms"] / new["ttft_p50_ms"]
     out["throughput_vs_baseline"] = new["tokens_per_s"] / old["tokens_per_s"]
     return out
 
@@ -189,7 +191,7 @@ def in_process(trees: dict[str, Path], family: Path, args: argparse.Namespace) -
 # --- over HTTP -------------------------------------------------------------------------------
 
 
-def start_server(tree: Path, family: Path, threads: int, log_path: Path):
+def start_server(tree: Path, family: Path, threads: int, log_path: Path, extra: list[str]):
     from loadtest.server_proc import BenchServer
 
     # `env -C`: the server's own directory and import path are its tree's (see tree_env).
@@ -198,7 +200,7 @@ def start_server(tree: Path, family: Path, threads: int, log_path: Path):
         family,
         log_path,
         max_batch_size=32,
-        extra_args=["--threads", str(threads)],
+        extra_args=["--threads", str(threads), *extra],
         ready_timeout=180,
         program=program,
     )
@@ -234,7 +236,10 @@ def over_http(trees: dict[str, Path], family: Path, tmp: Path, args: argparse.Na
     try:
         # Both servers up at once, loaded in turn: an idle server only waits on its queue.
         for side in SIDES:
-            servers[side] = start_server(trees[side], family, args.threads, tmp / f"{side}.log")
+            extra = shlex.split(getattr(args, f"{side}_server_args"))
+            servers[side] = start_server(
+                trees[side], family, args.threads, tmp / f"{side}.log", extra
+            )
             log(f"{side} server: {shlex.join(servers[side].cmd)}")
         out = {}
         for name, shape in http_workloads(args.quick).items():
@@ -274,6 +279,7 @@ def format_table(res: dict) -> str:
     for name in ("http_burst", "http_mixed"):
         if name in res:
             row(f"{name[5:]} HTTP tokens/s", res[name], "tokens_per_s", "throughput_vs_baseline")
+            row(f"{name[5:]} HTTP TTFT p50 ms", res[name], "ttft_p50_ms", "ttft_vs_baseline")
     return "\n".join(rows)
 
 
@@ -301,6 +307,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # One torch thread per process: the tiny family is faster so, and the two sides never
     # compete for cores that another process on a shared machine also wants.
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (1)")
+    # Each tree's server runs with its own defaults (what a user of that commit gets); flags
+    # only one side has, e.g. the new server's --speculative, go to that side alone.
+    p.add_argument("--old-server-args", default="", help="extra eft-serve flags, old side")
+    p.add_argument("--new-server-args", default="",
+                   help="extra eft-serve flags, new side, e.g. '--speculative off'")  # fmt: skip
     p.add_argument("--json", dest="json_out", metavar="OUT", help="write the results as JSON")
     args = p.parse_args(argv)
     if args.rounds is None:
@@ -328,7 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         family = build_family(new_root, tmp / "family")
         res: dict = {"command": command, "ref": args.ref, "ref_commit": commit,
                      "new_tree": str(new_root), "imports": imports,
-                     "rounds": args.rounds, "order": "ABBA (old, new; new, old; ...)"}  # fmt: skip
+                     "rounds": args.rounds, "order": "ABBA (old, new; new, old; ...)",
+                     "server_args": {"old": args.old_server_args,
+                                     "new": args.new_server_args}}  # fmt: skip
         res["in_process"] = in_process(trees, family, args)
         if not args.skip_http:
             res.update(over_http(trees, family, tmp, args))

@@ -67,8 +67,10 @@ def test_ratios_say_how_much_faster_the_new_engine_is() -> None:
     assert res["throughput_vs_baseline"] == pytest.approx(1.5)
     assert len(res["new"]["rounds"]) == 3
     # HTTP runs have no step time, only throughput
-    http = compare({"old": [{"tokens_per_s": 200.0}], "new": [{"tokens_per_s": 100.0}]})
+    http = compare({"old": [{"tokens_per_s": 200.0, "ttft_p50_ms": 100.0}],
+                    "new": [{"tokens_per_s": 100.0, "ttft_p50_ms": 400.0}]})  # fmt: skip
     assert http["throughput_vs_baseline"] == pytest.approx(0.5)
+    assert http["ttft_vs_baseline"] == pytest.approx(0.25)  # 4x the TTFT: 0.25x as fast
     assert "step_vs_baseline" not in http
 
 
