@@ -38,10 +38,7 @@ PROMETHEUS = shutil.which("prometheus")
 # Panel title -> why it has no data in this test. (The server below runs the `auto` speculative
 # policy, which tries speculation first and plain decoding next at each batch size, so the
 # speculative panels have their counters and the measured speed-up too.)
-FEATURE_OFF: dict[str, str] = {
-    "Prefix cache hit rate per model": "the engine does not report prefix-cache lookups yet "
-    "(StepStats.prefix_cache_queries stays empty), so hits / queries is 0 / 0",
-}
+FEATURE_OFF: dict[str, str] = {}
 
 
 def builtins(window: str) -> dict[str, str]:
