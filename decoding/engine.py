@@ -723,9 +723,7 @@ class Engine:
         except Exception:  # noqa: BLE001
             log.exception("could not reset the KV pools")
 
-    def _end_unfinished(
-        self, state: RequestState, reason: str, error: str | None = None
-    ) -> Events:
+    def _end_unfinished(self, state: RequestState, reason: str, error: str | None = None) -> Events:
         """The final events of a request that is not decoding: its n siblings (none started),
         or the rows it was preempted with (each continues its own stream)."""
         if state.resumed:

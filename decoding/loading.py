@@ -69,7 +69,6 @@ class LoadedModel:
     adapter: str | None = None
 
 
-
 def split_gguf_path(path: str, gguf_file: str | None) -> tuple[str, str | None]:
     """`path: dir/model.gguf` without `gguf_file` means `path: dir, gguf_file: model.gguf`."""
     if gguf_file is None and path.endswith(".gguf") and Path(path).is_file():

@@ -239,6 +239,11 @@ class ModelRunner:
             raise
         return out
 
+    def has_room(self, handle: int) -> bool:
+        """Whether `handle`'s blocks hold one more token (most decode steps: no new block)."""
+        seq = self.seqs[handle]
+        return seq.length < len(seq.blocks) * self.pool.block_size
+
     def needed(self, handle: int, upto: int) -> int:
         """New blocks `handle` needs to hold `upto` tokens."""
         return self.pool.needed(self.seqs[handle], upto)
@@ -319,27 +324,28 @@ class ModelRunner:
             if len(seq.blocks) * bs < start + n:
                 pool.reserve(seq, start + n)
             blocks = seq.blocks
-            positions.extend(range(start, start + n))
-            slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
-            if chunk is None:
+            if n == 1:  # a decode token (or a one-token chunk): the common case, kept short
+                positions.append(start)
+                slot_mapping.append(blocks[start // bs] * bs + start % bs)
                 dec_index.append(t)
                 dec_pos.append(start)
                 dec_tables.append(blocks)
-                dec_rows.append(i)
-                dec_pos_rows.append(True)
-                host_ids.append(0)
-                # Its id arrives on the device; -1 until `rewrite` tells it (drafts).
-                seq.tokens.append(decode_tokens[len(dec_rows) - 1] if decode_tokens else -1)
+                if chunk is None:
+                    host_ids.append(0)
+                    dec_rows.append(i)
+                    dec_pos_rows.append(True)
+                    # Its id arrives on the device; -1 until `rewrite` tells it (drafts).
+                    seq.tokens.append(decode_tokens[len(dec_rows) - 1] if decode_tokens else -1)
+                else:
+                    host_ids.extend(chunk)
+                    seq.tokens.extend(chunk)
+                    dec_pos_rows.append(False)
             else:
+                positions.extend(range(start, start + n))
+                slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
                 host_ids.extend(chunk)
                 seq.tokens.extend(chunk)
-                if n == 1:
-                    dec_index.append(t)
-                    dec_pos.append(start)
-                    dec_tables.append(blocks)
-                    dec_pos_rows.append(False)
-                else:
-                    chunk_meta.append((t, n, start, blocks))
+                chunk_meta.append((t, n, start, blocks))
             if keep[i]:
                 keep_index.extend(range(t, t + n))
             else:
@@ -363,9 +369,10 @@ class ModelRunner:
         ids, pos, smap, d_index, d_pos, k_index = dev[:6]
         d_tables = dev[6].view(len(dec_tables), max(width, 1) if dec_tables else 1)
         c_tables = dev[7 : 7 + len(chunk_meta)]
-        none_index = dev[7 + len(chunk_meta)] if dec_rows else None
-        if none_index is not None and decode_ids is not None:
-            ids = ids.index_copy(0, none_index, decode_ids.to(ids.device))
+        if len(dec_rows) == t and decode_ids is not None:
+            ids = decode_ids.to(ids.device)  # a plain decode step: the ids are all on the device
+        elif dec_rows and decode_ids is not None:
+            ids = ids.index_copy(0, dev[7 + len(chunk_meta)], decode_ids.to(ids.device))
         batch = StepBatch(
             block_size=bs,
             slot_mapping=smap,
@@ -392,7 +399,8 @@ class ModelRunner:
                     owners,
                     input_ids=ids.unsqueeze(0),
                     position_ids=pos.unsqueeze(0),
-                    logits_to_keep=k_index,
+                    # Every token's logits (0) without an index where every token is kept.
+                    logits_to_keep=0 if len(keep_index) == t else k_index,
                 ).logits[0]
         except BaseException:
             for seq, n in zip(seqs, lens):  # the rows hold what they held before

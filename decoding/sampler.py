@@ -238,8 +238,11 @@ class Sampler:
         have beyond their output (a speculative block's position; one per row or for all),
         for `min_tokens`; `bp`: the rows' tensors when they are not the prepared batch."""
         bp = bp or self.params
-        finite = torch.isfinite(composed).all(dim=-1)
-        scores = composed.nan_to_num(nan=-torch.inf)
+        # A row's sum is finite exactly when all its entries are (one reduction, no [B, V]
+        # temporary). A non-finite row is failed by the caller; rows never mix, so its NaNs
+        # need no cleaning here.
+        finite = torch.isfinite(composed.sum(dim=-1))
+        scores = composed
         if bp.penalties is not None:
             scores = bp.penalties.apply(scores)
         banned = self._bans(rows, scores, ahead)
@@ -248,10 +251,13 @@ class Sampler:
         logits = scores
         if not bp.all_greedy:
             logits = top_k_top_p_min_p(scores / bp.temperature.unsqueeze(-1), bp)
-        if bp.filters is not None:
-            logits = logits.masked_fill(
-                bp.filters.mask(len(rows), self.vocab, parts, banned), -torch.inf
-            )
+        if bp.filters is None:
+            # Bans keep a row's last token, and top-k, top-p and min-p each keep its top one:
+            # only the EFT filters, cutting by other distributions, can empty a row.
+            return logits, finite
+        logits = logits.masked_fill(
+            bp.filters.mask(len(rows), self.vocab, parts, banned), -torch.inf
+        )
         # Safety net: a row the filters emptied falls back to its scores before them.
         empty = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
         return torch.where(empty, scores, logits), finite
@@ -290,8 +296,14 @@ class Sampler:
         generator (only where `active`, so a row's stream never depends on its companions),
         the others from the shared one."""
         bp = bp or self.params
-        out = torch.ones(shape, device=self.device)
         seeded = [i for i, g in enumerate(bp.generators) if g is not None]
+        # Rows left out by `active` keep ones (their draws are not used, but must be finite).
+        fresh = active is None or len(seeded) < len(bp.generators)
+        out = (
+            torch.empty(shape, device=self.device)
+            if fresh
+            else torch.ones(shape, device=self.device)
+        )
 
         def fill(t: torch.Tensor, g: torch.Generator) -> None:
             if kind == "uniform":

@@ -135,7 +135,9 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if self._reserve({m: (h, self.runners[m].length(h) + 1) for m, h in seq.slots.items()}):
+            if all(self.runners[m].has_room(h) for m, h in seq.slots.items()) or self._reserve(
+                {m: (h, self.runners[m].length(h) + 1) for m, h in seq.slots.items()}
+            ):
                 i += 1
                 continue
             victim = self._newest()
