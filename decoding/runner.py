@@ -136,6 +136,7 @@ class ModelRunner:
         # A model whose every layer slides can let go of the blocks behind its window.
         self.slide = min(self.windows) if self.windows and None not in self.windows else None  # type: ignore[type-var]
         self.use_varlen = False
+        self.uploader = Uploader(self.device)
 
     # ------------------------------------------------------------------ the pool
 
@@ -277,12 +278,12 @@ class ModelRunner:
 
     def _zero_fresh(self) -> None:
         if self.pool.fresh:
-            self._zero(self.pool.fresh)
+            self._zero(torch.tensor(self.pool.fresh, device=self.device))
             self.pool.fresh = []
 
-    def _zero(self, blocks: list[int]) -> None:
-        if blocks:
-            index = torch.tensor(blocks, device=self.kv[0][0].device)
+    def _zero(self, blocks: list[int] | torch.Tensor) -> None:
+        if len(blocks):
+            index = torch.as_tensor(blocks, device=self.device)
             for k, v in self.kv:
                 k.index_fill_(0, index.to(k.device), 0)
                 v.index_fill_(0, index.to(v.device), 0)
@@ -351,7 +352,7 @@ class ModelRunner:
             else:
                 keep_index.append(t + n - 1)
             t += n
-        self._zero_fresh()
+        fresh, pool.fresh = pool.fresh, []  # blocks new to the pool: zeroed before use
         width = max((len(b) for b in dec_tables), default=0)
         arrays = [host_ids, positions, slot_mapping, dec_index, dec_pos, keep_index]
         arrays.append([x for b in dec_tables for x in b + [NULL_BLOCK] * (width - len(b))])
@@ -365,7 +366,10 @@ class ModelRunner:
             arrays.append([0] + list(itertools.accumulate(lens)))
             arrays.append(kv_lens)
             arrays += [s.blocks + [NULL_BLOCK] * (most - len(s.blocks)) for s in seqs]
+        arrays.append(fresh)
         dev = self._upload(arrays)
+        if fresh:
+            self._zero(dev[-1])
         ids, pos, smap, d_index, d_pos, k_index = dev[:6]
         d_tables = dev[6].view(len(dec_tables), max(width, 1) if dec_tables else 1)
         c_tables = dev[7 : 7 + len(chunk_meta)]
@@ -414,14 +418,7 @@ class ModelRunner:
         return out
 
     def _upload(self, arrays: list[list[int]]) -> list[torch.Tensor]:
-        """Host int lists -> device tensors in one copy (pinned and asynchronous on CUDA)."""
-        sizes = [len(a) for a in arrays]
-        flat = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        elif flat.device != self.device:
-            flat = flat.to(self.device)
-        return list(flat.split(sizes))
+        return self.uploader(arrays)
 
     def prefill(
         self, slots: list[int], chunks: list[list[int]], keep_all: bool = False
@@ -504,6 +501,44 @@ class ModelRunner:
                 f"{name}: its forward over eft-serve's paged KV differs from its own full "
                 f"forward (log-prob difference {worst:.3g}); this architecture is not supported"
             )
+
+
+class Uploader:
+    """Host int lists -> device tensors in one copy per forward.
+
+    On CUDA the lists go through one of two persistent pinned staging buffers into a
+    persistent device buffer, asynchronously: the forward is queued behind the copy and the
+    host never waits for it. A staging buffer is refilled only once the copy that last read it
+    has finished (its event; two forwards back, so in practice never a wait). Elsewhere the
+    host tensor is used as it is.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.host: list[torch.Tensor | None] = [None, None]
+        self.dev: list[torch.Tensor | None] = [None, None]
+        self.done: list = [None, None]
+        self.turn = 0
+
+    def __call__(self, arrays: list[list[int]]) -> list[torch.Tensor]:
+        sizes = [len(a) for a in arrays]
+        flat = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
+        if not self.cuda:
+            return list(flat.to(self.device).split(sizes))
+        i, n = self.turn, flat.numel()
+        self.turn ^= 1
+        if self.host[i] is None or self.host[i].numel() < n:
+            size = max(n, 4096, 2 * (0 if self.host[i] is None else self.host[i].numel()))
+            self.host[i] = torch.empty(size, dtype=torch.long, pin_memory=True)
+            self.dev[i] = torch.empty(size, dtype=torch.long, device=self.device)
+        elif self.done[i] is not None:
+            self.done[i].synchronize()
+        self.host[i][:n].copy_(flat)
+        self.dev[i][:n].copy_(self.host[i][:n], non_blocking=True)
+        self.done[i] = torch.cuda.Event()
+        self.done[i].record()
+        return list(self.dev[i][:n].split(sizes))
 
 
 class _Implementation:

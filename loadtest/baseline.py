@@ -13,7 +13,9 @@ imports that tree's `decoding` and `server` rather than the installed (editable)
 side's import path is checked and printed.
 
 - in_process: `python -m loadtest.engine_bench` in each tree; its "mean per step" (the
-  concurrent run's engine step), "combine" and "all at once" output tokens/s.
+  concurrent run's engine step), "combine" and "all at once" output tokens/s. A tree whose
+  engine_bench takes `--speculative` runs with it off, so both sides time plain decode steps
+  (the baseline has no speculation; speculation is measured by `loadtest.spec_bench`).
 - http_burst / http_mixed: `eft-serve` (`python -m server.cli`) from each tree, both running,
   loaded alternately by this checkout's load generator (so the client is the same for both):
   burst = 16 requests of 32 tokens at concurrency 16; mixed = `loadtest.prompts.mixed_workload`
@@ -140,6 +142,9 @@ def engine_bench(tree: Path, family: Path, requests: int, max_tokens: int, threa
         sys.executable, "-m", "loadtest.engine_bench", "--config", str(family),
         "--requests", str(requests), "--max-tokens", str(max_tokens), "--threads", str(threads),
     ]  # fmt: skip
+    if "--speculative" in (tree / "loadtest" / "engine_bench.py").read_text():
+        # The baseline has no speculative decoding: both sides time plain decode steps.
+        cmd += ["--speculative", "off"]
     proc = subprocess.run(
         cmd, cwd=tree, env=tree_env(tree), capture_output=True, text=True, timeout=600
     )

@@ -134,7 +134,10 @@ async def run(args: argparse.Namespace) -> None:
         path = build_random_family(tempfile.mkdtemp(prefix="eft-engine-bench-"))
     family = load_family(path)
     prof = StepProfile()
-    engine = Engine(family, EngineConfig(max_batch_size=max(32, args.requests)), on_step=prof)
+    config = EngineConfig(max_batch_size=max(32, args.requests))
+    if args.speculative:
+        config.speculative = args.speculative
+    engine = Engine(family, config, on_step=prof)
     engine.start()
     await engine.warmup()
     comp = make_composition(
@@ -185,6 +188,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own default)"
+    )
+    ap.add_argument(
+        "--speculative",
+        help="the engine's speculative setting (auto, off, K; default: the engine's own)",
     )
     args = ap.parse_args()
     if args.threads:
