@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -459,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         family_name = FamilyConfig.from_yaml(family_yaml).name
 
         local = in_process(plan, family_yaml)
+        paged = paged_kv_and_scheduling(plan, family_yaml, workdir, args.threads)
         srv = run_server_benches(
             plan,
             family_yaml,
@@ -484,6 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     res["adapter_step_ratio_b16"] = adapters["ratio_b16"]
     res["adapter_forward_ratio_b1"] = adapters["forward_ratio_b1"]
     res["adapter_forward_ratio_b16"] = adapters["forward_ratio_b16"]
+    res.update(paged)
+    res["kv_bytes_over_needed"] = paged["kv"]["long-short"]["kv_bytes_over_needed"]
+    res["prefix_cache_speedup"] = paged["kv"]["prefix"]["prefix_cache_speedup"]
+    res["preemption"] = paged["kv"]["preemption"]
+    res["step_vs_baseline"] = paged["baseline"]["in_process"]["step_vs_baseline"]
+    res["goodput"] = paged["goodput"]["goodput"]
+    res["goodput_slo"] = paged["goodput"]["slo"]
     res["machine"]["loadavg_end"] = os.getloadavg()
     res["bench_seconds"] = time.perf_counter() - t_start
     print(format_table(res))
@@ -495,6 +504,40 @@ def main(argv: list[str] | None = None) -> int:
 
         plot_runs({k: v for k, v in srv["runs"].items() if "_r" not in k}, args.plot)
     return 0
+
+
+def paged_kv_and_scheduling(plan: Plan, family_yaml: Path, workdir: Path, threads: int) -> dict:
+    """The engine-v3 figures: the paged KV workloads (`loadtest.kv_bench`, on its own 4/2-layer
+    family), the step against the pinned baseline commit (`loadtest.baseline`, tiny family,
+    in process and over HTTP), and goodput on the bench family (`loadtest.goodput`)."""
+    quick = ["--quick"] if plan.name == "quick" else []
+    out: dict = {}
+    for name, module, extra in (
+        ("kv", "loadtest.kv_bench", []),
+        ("baseline", "loadtest.baseline", []),
+    ):
+        path = workdir / f"{name}.json"
+        cmd = [sys.executable, "-m", module, *quick, *extra, "--json", str(path)]
+        log(f"running {shlex.join(cmd[1:])}")
+        subprocess.run(cmd, check=True, timeout=3600)
+        out[name] = json.loads(path.read_text())
+    server = BenchServer(family_yaml, workdir / "goodput-server.log",
+                         extra_args=["--threads", str(threads or 1)])  # fmt: skip
+    with server:
+        path = workdir / "goodput.json"
+        rates = "2,4,8" if quick else "1,2,4,8"
+        cmd = [sys.executable, "-m", "loadtest.goodput", "--url", server.url, "--rates", rates,
+               "--requests", "24" if quick else "48", "--ttft-slo-ms", str(GOODPUT_SLO[0]),
+               "--itl-slo-ms", str(GOODPUT_SLO[1]), "--json", str(path)]  # fmt: skip
+        log(f"running {shlex.join(cmd[1:])}")
+        subprocess.run(cmd, check=True, timeout=1800)
+        out["goodput"] = json.loads(path.read_text())
+    return out
+
+
+# Goodput objectives (TTFT ms, mean ITL ms): a first token within a second and a stream no
+# slower than 10 tokens/s, on this CPU.
+GOODPUT_SLO = (1000, 100)
 
 
 def family_info(family_yaml: Path, plan: Plan, params: dict[str, int]) -> dict:

@@ -346,6 +346,49 @@ def format_table(res: dict) -> str:
         for b in ("b1", "b16"):
             key = f"adapter_forward_ratio_{b}"
             row(f"{key} (reference + experts)", fmt(res[key], ".2f") + "x", note)
+    if res.get("kv_bytes_over_needed") is not None:
+        row(
+            "kv_bytes_over_needed (1 long + 15 short, peak)",
+            fmt(res["kv_bytes_over_needed"], ".3f") + "x",
+            "bytes in use / bytes the tokens need",
+        )
+        pre = res["preemption"]
+        row(
+            f"preemption: {pre['requests']} mixed requests, a quarter pool",
+            f"{pre['preemptions']}",
+            f"preemptions; same output as a large pool: {pre['same_output']}",
+        )
+        pk = res["kv"]["prefix"]
+        row(
+            f"prefix cache: {pk['settings']} knob settings x {pk['prompts']} prompts",
+            fmt(pk["computed_over_submitted"], ".3f"),
+            "prompt tokens computed / looked up",
+        )
+        row(
+            "prefix_cache_speedup (wall, cache off / on)",
+            fmt(res["prefix_cache_speedup"], ".2f") + "x",
+            f"same output: {pk['same_output']}",
+        )
+    if res.get("step_vs_baseline") is not None:
+        bl = res["baseline"]
+        row(
+            f"step_vs_baseline (engine at {bl['ref']} / now)",
+            fmt(res["step_vs_baseline"], ".2f") + "x",
+            "> 1: a decode step is cheaper now",
+        )
+        for key in ("http_burst", "http_mixed"):
+            if key in bl:
+                row(
+                    f"  {key} tokens/s, now / {bl['ref']}",
+                    fmt(bl[key].get("throughput_vs_baseline"), ".2f") + "x",
+                )
+    if res.get("goodput") is not None:
+        row(
+            "goodput (req/s meeting TTFT and ITL objectives)",
+            fmt(res["goodput"], ".2f"),
+            f"TTFT <= {res['goodput_slo']['ttft_ms']:g} ms, ITL <= "
+            f"{res['goodput_slo']['itl_ms']:g} ms",
+        )
     loads = ", ".join(f"{k} {v:.1f}" for k, v in res["loadavg_1min_per_phase"].items())
     lines += [
         "",

@@ -6,8 +6,9 @@ No model hub is needed: each model's architecture fields are written below as th
 its published `config.json`. Each is instantiated with transformers on the meta device (no
 memory, no weights), its parameters are counted exactly (a tied embedding once), and its KV
 bytes per token come from the layers `decoding.runner.attention_windows` finds, i.e. the cache
-eft-serve allocates. That cache keeps every token in sliding-window layers too (their mask
-restricts what they see), so KV per token is the full figure for every layer.
+eft-serve uses. Its paged cache keeps one block table for all of a model's layers, so a hybrid
+model's sliding-window layers hold every token too (their mask restricts what they see): KV per
+token is the full figure for every layer.
 
 Gemma-3-27B-pt is an image-text checkpoint: `AutoModelForCausalLM` loads it, and eft-serve
 serves it, as `Gemma3ForConditionalGeneration` with its SigLIP vision tower, so its count
@@ -232,10 +233,11 @@ def table(rows: list[Sizing], dtype: str = "bfloat16") -> str:
             for r in sliding
         )
         notes.append(
-            "\\* eft-serve's cache keeps every token in Gemma-3's sliding-window layers too "
-            "(their attention mask restricts them to the window), so this is what it allocates. "
-            "A cache that kept only the window in those layers would need, per token beyond the "
-            f"window, only the full-attention layers' share: {each}."
+            "\\* Gemma-3 is hybrid: eft-serve's paged cache keeps one block table for all of a "
+            "model's layers, so its sliding-window layers hold every token too (their attention "
+            "mask restricts them to the window), and this is what it uses. (A model whose every "
+            "layer slides gives back the blocks behind its window.) A pool per layer kind would "
+            f"need, per token beyond the window, only the full-attention layers' share: {each}."
         )
     for r in rows:
         if r.vision_params:
@@ -253,19 +255,19 @@ def example(sizings: dict[str, Sizing]) -> str:
     weights = [r.weight_bytes / 1e9 for r in rows]
     kv = [r.kv_bytes_per_token for r in rows]
     batch = EXAMPLE_SEQUENCES * EXAMPLE_TOKENS * sum(kv)
-    # One cache row per batch slot and a scratch row, each grown by half at a time.
-    allocated = (EXAMPLE_SEQUENCES + 1) * EXAMPLE_TOKENS * sum(kv) * 1.5
-    total = sum(weights) + allocated / 1e9
+    total = sum(weights) + batch / 1e9
     fits = "fits one 80 GB GPU" if total <= 80 else "needs more than one 80 GB GPU"
     return wrap(
         f"Example: the Llama family above holds {' + '.join(_sig(w) for w in weights)} = "
         f"{_sig(sum(weights))} GB of weights and {' + '.join(f'{k // KIB:g}' for k in kv)} = "
         f"{_kib(sum(kv))} of KV per token, so {EXAMPLE_SEQUENCES} sequences of "
-        f"{EXAMPLE_TOKENS:,} tokens hold another {batch / GIB:g} GiB. Each model's cache has "
-        f"`--max-batch-size` + 1 rows as long as the longest sequence, grown by half at a time, "
-        f"so with `--max-batch-size {EXAMPLE_SEQUENCES}` budget up to "
-        f"{allocated / GIB:.0f} GiB (`eft_kv_cache_bytes` reports what is allocated): "
-        f"{total:.0f} GB in all, which {fits}."
+        f"{EXAMPLE_TOKENS:,} tokens hold another {batch / GIB:g} GiB: {total:.0f} GB in all, "
+        f"which {fits}. The KV cache is paged (blocks of 16 tokens): a sequence holds blocks "
+        f"for its own tokens only, so `--kv-cache-memory {batch / GIB:g}GiB` serves those "
+        f"{EXAMPLE_SEQUENCES} sequences or any other mix of the same number of tokens; on a GPU "
+        f"the default pool is what `--gpu-memory-utilization` leaves after the weights "
+        f"(`eft_kv_cache_bytes` reports the blocks in use, `eft_kv_cache_capacity_bytes` the "
+        f"pool)."
     )
 
 
