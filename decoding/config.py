@@ -12,11 +12,11 @@ class EngineConfig:
     # Tokens one step may process: one per decoding row, the rest for prompt chunks
     # (vLLM's max_num_batched_tokens).
     max_num_batched_tokens: int = 512
-    # While rows decode, a step prefills at most prefill_share x (decoding rows) prompt tokens
-    # (at least MIN_PREFILL_CHUNK): a step then costs a running row at most about twice a plain
-    # decode step, so joining prompts do not stall streams (the p99 inter-token latency). 0
-    # lifts the limit (only the budget applies): faster first tokens, longer stalls.
-    prefill_share: float = 1.0
+    # While rows decode, a step may cap prompt tokens at prefill_share x (decoding rows) (at
+    # least MIN_PREFILL_CHUNK): smoother streams, much later first tokens. 0 (the default)
+    # leaves only the budget: with decode rows and prompt chunks in one forward this gave the
+    # most goodput here (10.9 against 1.5 req/s at TTFT <= 250 ms and ITL <= 50 ms).
+    prefill_share: float = 0.0
     seed: int = 0  # of the generator shared by unseeded requests
     idle_wait_s: float = 0.5  # how long the idle loop sleeps between checks for shutdown
     # Speculative EFT: "auto" (where it measures faster), "off", or "K" (always, blocks <= K).

@@ -2,9 +2,11 @@
 
 Each step has one budget of `max_num_batched_tokens` (vLLM's chunked prefill): every running
 row decodes one token, and prompts take what is left, first those being prefilled, then new
-requests in arrival order while batch rows are free. While rows decode, prompts get at most
-`prefill_share` tokens per decoding row (at least `MIN_PREFILL_CHUNK`), so a joining prompt
-does not stall the streams; a longer prompt is prefilled in chunks over several steps.
+requests in arrival order while batch rows are free; a longer prompt is prefilled in chunks
+over several steps. Decode rows and prompt chunks share one forward per model, so a joining
+prompt costs a step its own tokens only. `prefill_share` (off by default) can cap prompts at
+that many tokens per decoding row (at least `MIN_PREFILL_CHUNK`): smoother streams, later first
+tokens (measured: it cut goodput on the demo family from 10.9 to 1.5 req/s).
 
 Memory is the second budget. Before a step, every decoding row gets a block for its next
 token in every model it uses; when a pool is out of blocks, the most recently admitted request

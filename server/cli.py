@@ -181,10 +181,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--prefill-share",
         type=float,
-        default=1.0,
-        help="while rows decode, prompt tokens a step may prefill per decoding row "
-        "(bounds the stall a joining prompt causes to running streams); 0: "
-        "only --max-num-batched-tokens limits it",
+        default=0.0,
+        help="while rows decode, cap the prompt tokens a step may prefill at this many per "
+        "decoding row (smoother streams, later first tokens); 0 (default): only "
+        "--max-num-batched-tokens limits them",
     )
     p.add_argument(
         "--max-num-batched-tokens",

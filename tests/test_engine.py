@@ -943,12 +943,13 @@ def test_joining_prompts_get_a_prefill_share_per_decoding_row():
     from decoding.scheduler import Scheduler
 
     runners = {"m": tiny_runner()}
-    sched = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512), runners)
+    shared = EngineConfig(max_batch_size=32, max_num_batched_tokens=512, prefill_share=1.0)
+    sched = Scheduler(shared, runners)
     sched.running = [SimpleNamespace(request=object(), slots={}) for _ in range(20)]
     sched.waiting.append(waiting_request(100))
     plan, admitted = sched.schedule()
     assert len(admitted) == 1 and plan.prefill[0].spans == {"m": (0, 20)}
-    alone = Scheduler(EngineConfig(max_batch_size=32, max_num_batched_tokens=512), runners)
+    alone = Scheduler(shared, runners)
     alone.waiting.append(waiting_request(100))
     assert alone.schedule()[0].prefill[0].spans == {"m": (0, 100)}
     unlimited = Scheduler(EngineConfig(max_num_batched_tokens=512, prefill_share=0), runners)
