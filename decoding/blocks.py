@@ -58,6 +58,7 @@ class BlockPool:
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))
         self._cached: OrderedDict[int, None] = OrderedDict()
         self.fresh: list[int] = []  # blocks handed out for the first time (to be zeroed)
+        self.copies: list[tuple[int, int]] = []  # (source, target): copy-on-write, to be done
         self._ever = set()  # blocks handed out at least once
 
     # ------------------------------------------------------------------ counts
@@ -80,8 +81,16 @@ class BlockPool:
         return -(-tokens // self.block_size)
 
     def needed(self, seq: KVSeq, upto: int) -> int:
-        """New blocks `seq` needs to hold `upto` tokens."""
-        return max(0, self.blocks_for(upto) - len(seq.blocks))
+        """New blocks `seq` needs to hold `upto` tokens (a shared partial last block that it
+        would write into counts: it gets a copy of its own first)."""
+        return max(0, self.blocks_for(upto) - len(seq.blocks)) + self._cow(seq, upto)
+
+    def _cow(self, seq: KVSeq, upto: int) -> int:
+        """1 when writing up to `upto` would touch a partial last block others share."""
+        if upto <= seq.length or seq.length % self.block_size == 0 or not seq.blocks:
+            return 0
+        last = seq.blocks[seq.length // self.block_size]
+        return int(last != NULL_BLOCK and self.refs[last] > 1)
 
     # ------------------------------------------------------------------ allocation
 
@@ -104,7 +113,13 @@ class BlockPool:
         need = self.needed(seq, upto)
         if need > self.num_free:
             raise OutOfBlocks(f"need {need} blocks, {self.num_free} free")
-        for _ in range(need):
+        if self._cow(seq, upto):
+            at = seq.length // self.block_size
+            source, target = seq.blocks[at], self._take()
+            self.refs[source] -= 1  # still held by the siblings
+            seq.blocks[at] = target
+            self.copies.append((source, target))
+        while len(seq.blocks) < self.blocks_for(upto):
             seq.blocks.append(self._take())
 
     def _release(self, block: int) -> None:
@@ -124,26 +139,17 @@ class BlockPool:
             self._release(block)
         seq.blocks, seq.tokens, seq.keys, seq.dropped = [], [], [], 0
 
-    def fork(self, seq: KVSeq) -> tuple[KVSeq, tuple[int, int] | None]:
-        """A sibling holding the same tokens: full blocks shared, the partial last block
-        copied. Returns it and the (source, target) block the caller copies, if any."""
+    def fork(self, seq: KVSeq) -> KVSeq:
+        """A sibling holding the same tokens, sharing every block; the partial last block is
+        copied by whichever sibling writes into it first (`reserve`), so a fork takes no
+        block and cannot fail."""
         child = KVSeq(seq.member, seq.owner, tokens=list(seq.tokens), keys=list(seq.keys),
                       dropped=seq.dropped)  # fmt: skip
-        full = seq.length // self.block_size
-        for block in seq.blocks[:full]:
+        for block in seq.blocks:
             if block != NULL_BLOCK:
                 self.refs[block] += 1
             child.blocks.append(block)
-        copy = None
-        if len(seq.blocks) > full:
-            try:
-                target = self._take()
-            except OutOfBlocks:
-                self.free(child)
-                raise
-            child.blocks.append(target)
-            copy = (seq.blocks[full], target)
-        return child, copy
+        return child
 
     def truncate(self, seq: KVSeq, length: int) -> None:
         """Keep the first `length` tokens (a speculative block's rejected tail goes); blocks

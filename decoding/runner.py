@@ -217,33 +217,23 @@ class ModelRunner:
                 k.zero_()
                 v.zero_()
 
-    @torch.inference_mode()
     def fork(self, src: int, count: int) -> list[int]:
-        """`count` new handles holding `src`'s tokens: full blocks shared, the last one copied
-        (the siblings of an n > 1 request)."""
-        out: list[int] = []
-        try:
-            for _ in range(count):
-                child, copy = self.pool.fork(self.seqs[src])
-                handle = self._next
-                self._next += 1
-                self.seqs[handle] = child
-                out.append(handle)
-                self._zero_fresh()
-                if copy is not None:
-                    for k, v in self.kv:
-                        k[copy[1]] = k[copy[0]]
-                        v[copy[1]] = v[copy[0]]
-        except BaseException:
-            for h in out:
-                self.free(h)
-            raise
+        """`count` new handles holding `src`'s tokens, sharing its blocks (the siblings of an
+        n > 1 request; the partial last block is copied on first write)."""
+        out = []
+        for _ in range(count):
+            handle = self._next
+            self._next += 1
+            self.seqs[handle] = self.pool.fork(self.seqs[src])
+            out.append(handle)
         return out
 
     def has_room(self, handle: int) -> bool:
         """Whether `handle`'s blocks hold one more token (most decode steps: no new block)."""
         seq = self.seqs[handle]
-        return seq.length < len(seq.blocks) * self.pool.block_size
+        return seq.length < len(seq.blocks) * self.pool.block_size and not self.pool.needed(
+            seq, seq.length + 1
+        )
 
     def needed(self, handle: int, upto: int) -> int:
         """New blocks `handle` needs to hold `upto` tokens."""
@@ -322,7 +312,7 @@ class ModelRunner:
         t = 0
         for i, (seq, chunk, n) in enumerate(zip(seqs, chunks, lens)):
             start = seq.length
-            if len(seq.blocks) * bs < start + n:
+            if len(seq.blocks) * bs < start + n or pool.needed(seq, start + n):
                 pool.reserve(seq, start + n)
             blocks = seq.blocks
             if n == 1:  # a decode token (or a one-token chunk): the common case, kept short
@@ -353,47 +343,51 @@ class ModelRunner:
                 keep_index.append(t + n - 1)
             t += n
         fresh, pool.fresh = pool.fresh, []  # blocks new to the pool: zeroed before use
+        copies, pool.copies = pool.copies, []  # shared blocks copied before a sibling writes
         width = max((len(b) for b in dec_tables), default=0)
-        arrays = [host_ids, positions, slot_mapping, dec_index, dec_pos, keep_index]
-        arrays.append([x for b in dec_tables for x in b + [NULL_BLOCK] * (width - len(b))])
-        arrays += [m[3] for m in chunk_meta]
-        if dec_rows:
-            arrays.append([dec_index[j] for j, r in enumerate(dec_pos_rows) if r])
-        varlen = self.use_varlen
-        if varlen:
-            kv_lens = [s.length for s in seqs]
+        named = {
+            "ids": host_ids, "pos": positions, "smap": slot_mapping, "d_index": dec_index,
+            "d_pos": dec_pos, "keep": keep_index,
+            "d_tables": [x for b in dec_tables for x in b + [NULL_BLOCK] * (width - len(b))],
+            "from_device": [dec_index[j] for j, r in enumerate(dec_pos_rows) if r],
+            "fresh": fresh, "copy_from": [a for a, _ in copies], "copy_to": [b for _, b in copies],
+        }  # fmt: skip
+        if self.use_varlen:
             most = max(len(s.blocks) for s in seqs)
-            arrays.append([0] + list(itertools.accumulate(lens)))
-            arrays.append(kv_lens)
-            arrays += [s.blocks + [NULL_BLOCK] * (most - len(s.blocks)) for s in seqs]
-        arrays.append(fresh)
-        dev = self._upload(arrays)
+            named["cu_q"] = [0, *itertools.accumulate(lens)]
+            named["kv_lens"] = [s.length for s in seqs]
+            named["tables"] = [
+                x for s in seqs for x in s.blocks + [NULL_BLOCK] * (most - len(s.blocks))
+            ]
+        names = list(named) + [f"chunk{i}" for i in range(len(chunk_meta))]
+        dev = dict(zip(names, self._upload([*named.values(), *(m[3] for m in chunk_meta)])))
         if fresh:
-            self._zero(dev[-1])
-        ids, pos, smap, d_index, d_pos, k_index = dev[:6]
-        d_tables = dev[6].view(len(dec_tables), max(width, 1) if dec_tables else 1)
-        c_tables = dev[7 : 7 + len(chunk_meta)]
+            self._zero(dev["fresh"])
+        if copies:
+            for k, v in self.kv:
+                k.index_copy_(0, dev["copy_to"], k.index_select(0, dev["copy_from"]))
+                v.index_copy_(0, dev["copy_to"], v.index_select(0, dev["copy_from"]))
+        ids = dev["ids"]
         if len(dec_rows) == t and decode_ids is not None:
             ids = decode_ids.to(ids.device)  # a plain decode step: the ids are all on the device
         elif dec_rows and decode_ids is not None:
-            ids = ids.index_copy(0, dev[7 + len(chunk_meta)], decode_ids.to(ids.device))
+            ids = ids.index_copy(0, dev["from_device"], decode_ids.to(ids.device))
         batch = StepBatch(
             block_size=bs,
-            slot_mapping=smap,
-            decode_index=d_index,
-            decode_tables=d_tables,
-            decode_positions=d_pos,
-            chunks=[Chunk(m[0], m[1], tab, m[2]) for m, tab in zip(chunk_meta, c_tables)],
+            slot_mapping=dev["smap"],
+            decode_index=dev["d_index"],
+            decode_tables=dev["d_tables"].view(len(dec_tables), max(width, 1)),
+            decode_positions=dev["d_pos"],
+            chunks=[Chunk(m[0], m[1], dev[f"chunk{i}"], m[2]) for i, m in enumerate(chunk_meta)],
             num_tokens=t,
             all_decode=len(dec_index) == t,
             windows=self.windows,
             pools=self.kv,
         )
-        if varlen:
-            base = len(dev) - len(seqs) - 2
-            batch.cu_q, batch.seq_lens = dev[base].int(), dev[base + 1].int()
-            batch.tables = torch.cat(dev[base + 2 :]).view(len(seqs), most).int()
-            batch.max_q, batch.max_k = max(lens), max(kv_lens)
+        if self.use_varlen:
+            batch.cu_q, batch.seq_lens = dev["cu_q"].int(), dev["kv_lens"].int()
+            batch.tables = dev["tables"].view(len(seqs), most).int()
+            batch.max_q, batch.max_k = max(lens), max(named["kv_lens"])
         owners = None
         if self.switch is not None:
             owners = [self.seqs[h].owner for h, n in zip(handles, lens) for _ in range(n)]
@@ -402,9 +396,9 @@ class ModelRunner:
                 out = self._call(
                     owners,
                     input_ids=ids.unsqueeze(0),
-                    position_ids=pos.unsqueeze(0),
+                    position_ids=dev["pos"].unsqueeze(0),
                     # Every token's logits (0) without an index where every token is kept.
-                    logits_to_keep=0 if len(keep_index) == t else k_index,
+                    logits_to_keep=0 if len(keep_index) == t else dev["keep"],
                 ).logits[0]
         except BaseException:
             for seq, n in zip(seqs, lens):  # the rows hold what they held before

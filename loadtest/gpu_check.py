@@ -352,7 +352,9 @@ def graphs_vs_eager(eager_tokens: list[list[int]]) -> bool | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest.gpu_check", description=__doc__.split("\n\n")[0]
+    )
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--smoke", action="store_true", help="tiny float32 models, seconds, any device")
     p.add_argument("--layers-base", type=int, help="base layers (default: 32, or what fits)")
