@@ -443,7 +443,7 @@ def plot_frontier(result: dict[str, Any], path: str | Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m demo.eval", description="Evaluate the demo family through the HTTP API."
     )
@@ -557,7 +557,9 @@ def main(argv: list[str] | None = None) -> None:
         plot(result, args.plot)
     if args.frontier_plot and result.get("frontier"):
         plot_frontier(result, args.frontier_plot)
+    print(f"results in {args.json}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
