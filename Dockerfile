@@ -26,11 +26,13 @@ RUN apt-get update \
 
 WORKDIR /opt/eft-serve
 
-# Dependencies first, read from pyproject.toml so the torch pin has one source; this layer
-# (torch is most of the image) is rebuilt only when pyproject.toml changes.
+# Dependencies first, read from pyproject.toml so the torch pin has one source, at the exact
+# versions of requirements/lock.txt (what the test suite passed with); this layer (torch is most
+# of the image) is rebuilt only when those two files change.
 COPY pyproject.toml ./
+COPY requirements/lock.txt ./requirements/lock.txt
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -c requirements/lock.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY README.md ./

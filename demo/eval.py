@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from evals.client import Client, Sampling, SweepError
+from evals.outputs import default_out, matplotlib_missing, prepare
 from evals.prompts import PromptSet, prompt_set
 from evals.scorers import Scorer, function_scorer
 from evals.sweep import Point, SweepFile, run_sweep
@@ -442,7 +443,7 @@ def plot_frontier(result: dict[str, Any], path: str | Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m demo.eval", description="Evaluate the demo family through the HTTP API."
     )
@@ -462,7 +463,11 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("EFT_API_KEY"),
         help="the server's API key (default: env EFT_API_KEY, else none)",
     )
-    p.add_argument("--json", required=True, help="write the results here")
+    p.add_argument(
+        "--json",
+        default=default_out("demo_eval.json"),
+        help=f"write the results here (default {default_out('demo_eval.json')})",
+    )
     p.add_argument("--plot", help="write the rows-and-sweep PNG here")
     p.add_argument("--frontier-plot", help="write the helpful-harmless frontier PNG here")
     p.add_argument("--no-frontier", action="store_true", help="skip the 2-D grid")
@@ -482,6 +487,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = p.parse_args(argv)
+    for flag, path in (("--plot", args.plot), ("--frontier-plot", args.frontier_plot)):
+        if path and matplotlib_missing("python -m demo.eval", flag):
+            return 2
+    for path in (args.json, args.plot, args.frontier_plot):
+        if path:
+            prepare(path)
 
     config = Path(args.config)
     family_cfg = yaml.safe_load(config.read_text())
@@ -546,7 +557,9 @@ def main(argv: list[str] | None = None) -> None:
         plot(result, args.plot)
     if args.frontier_plot and result.get("frontier"):
         plot_frontier(result, args.frontier_plot)
+    print(f"results in {args.json}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

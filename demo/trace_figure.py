@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from evals.client import Client, Sampling
+from evals.outputs import default_out, matplotlib_missing, prepare
 from evals.prompts import Item
 from server.process import ServerProcess
 
@@ -71,7 +72,7 @@ def plot(per_answer: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m demo.trace_figure",
         description="Per-token implicit reward figure of the demo family.",
@@ -83,9 +84,18 @@ def main(argv: list[str] | None = None) -> None:
         default=os.environ.get("EFT_API_KEY"),
         help="the server's API key (default: env EFT_API_KEY, else none)",
     )
-    p.add_argument("--out", required=True, help="the PNG to write (required)")
+    p.add_argument(
+        "--out",
+        default=default_out("demo_trace.png"),
+        help=f"the PNG to write (default {default_out('demo_trace.png')})",
+    )
     p.add_argument("--json", help="also write the trace entries here (default: not written)")
     args = p.parse_args(argv)
+    if matplotlib_missing("python -m demo.trace_figure", "the figure"):
+        return 2
+    for path in (args.out, args.json):
+        if path:
+            prepare(path)
     with ExitStack() as stack:
         url = args.url
         if not url:
@@ -100,7 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     plot(per_answer, args.out)
     if args.json:
         Path(args.json).write_text(json.dumps(per_answer, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

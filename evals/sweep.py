@@ -30,6 +30,7 @@ from typing import Any
 
 from evals.client import MAX_N, Client, Sampling, SweepError
 from evals.grid import GridError, parse_grid
+from evals.outputs import default_out, matplotlib_missing, prepare
 from evals.prompts import Item, PromptError, PromptSet, load_prompts
 from evals.scorers import Scorer, ScorerError, parse_scorer
 from evals.stats import summarize
@@ -356,7 +357,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the server's API key (default: env EFT_API_KEY, else none)",
     )
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
-    p.add_argument("--json", help="results JSON; rerunning with it skips the points it holds")
+    p.add_argument(
+        "--json",
+        help="results JSON; rerunning with the same --json skips the points it holds "
+        f"(default: {default_out('sweep.json')}, written afresh: only a path you give resumes)",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore the points already in --json")
     p.add_argument("--csv", help="results CSV (one row per point, prompt set and scorer)")
     p.add_argument("--plot", help="PNG: a line per scorer over --x, or --frontier")
@@ -384,6 +389,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot and matplotlib_missing("eft-sweep", "--plot"):
+        return 2
+    # Resume only from a file the user named: a default path may hold another sweep's points.
+    resume = args.json is not None
+    args.json = str(prepare(args.json or default_out("sweep.json")))
+    for path in (args.csv, args.plot):
+        if path:
+            prepare(path)
     t0 = time.time()
     try:
         sets = [load_prompts(o) for o in args.prompts]
@@ -410,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "scorers": {sc.name: sc.spec for sc in scorers},
             "grid": args.grid,
         }
-        out = SweepFile(args.json, header, fresh=args.fresh)
+        out = SweepFile(args.json, header, fresh=args.fresh or not resume)
         client = Client(args.url, args.api_key, concurrency=args.concurrency)
         try:
             records = run_sweep(
@@ -440,7 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             plot_frontier(records, args.frontier, args.plot)
         else:
             plot_lines(records, args.plot, x=args.x)
-    print(f"{len(records)} points in {time.time() - t0:.0f}s", file=sys.stderr)
+    print(
+        f"{len(records)} points in {time.time() - t0:.0f}s; results in {args.json}", file=sys.stderr
+    )
     return 0
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from evals.outputs import matplotlib_missing, prepare
 from loadtest.client import LoadtestError, check_loopback
 from loadtest.report import format_summary, plot_runs
 from loadtest.runner import LoadConfig, run_load
@@ -130,6 +131,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plot and matplotlib_missing("python -m loadtest", "--plot"):
+        return 2
+    for path in (args.json_out, args.plot):
+        if path:
+            prepare(path)
     try:
         if not args.allow_remote:
             check_loopback(args.url)

@@ -40,6 +40,7 @@ from server.handlers import Handlers
 from server.knobs import single_model_ids
 from server.metrics import ServerMetrics
 from server.streaming import ClientGone, engine_error, race_disconnect
+from server.version import package_version
 
 log = logging.getLogger("eft_serve")
 
@@ -317,6 +318,11 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
         if dead:
             return JSONResponse({"status": "dead", "error": dead}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/version", responses={200: {"model": P.VersionResponse}})
+    async def _version() -> Response:
+        # Open like /health: which build answers is what an operator or a probe asks first.
+        return JSONResponse({"version": package_version()})
 
     @app.get("/ready", responses={200: {"model": P.ReadyResponse},
                                   503: {"model": P.ReadyResponse,

@@ -21,6 +21,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from decoding.config import EngineConfig  # a plain dataclass: cheap before the checks
+from server.version import package_version
 
 log = logging.getLogger("eft_serve")
 
@@ -109,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "steered per request by small fine-tuned experts (the `eft` knobs).",
         formatter_class=_HelpFormatter,
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument(
         "--config",
         default=None,
@@ -381,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     from decoding.engine import Engine
     from decoding.family import FamilyConfig, FamilyError, load_family
     from server.app import ServerSettings, create_app
+    from server.knobs import model_ids
     from server.metrics import ServerMetrics
 
     if args.threads:
@@ -438,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         "serving on http://%s:%d  (models: %s)%s",
         host,
         args.port,
-        ", ".join([cfg.name, *(f"{cfg.name}/{m}" for m in family.models)]),
+        # Exactly the ids /v1/models serves: a family of one model has no `X/X` id.
+        ", ".join(model_ids(family)),
         "  [API key required]" if settings.api_key else "",
     )
     if not settings.api_key:

@@ -1,7 +1,10 @@
 """Request and response models of the HTTP API: the OpenAI schema plus the `eft` extension.
 
 Requests are lenient like vLLM's (`extra="allow"`): an OpenAI field this server does not
-implement is accepted and ignored rather than refused, because SDKs add new fields all the time.
+implement is accepted and ignored rather than refused, because SDKs add new fields all the time;
+the exceptions are fields whose silent omission changes what the client gets back (`tools`,
+`functions` and their `*_choice`/`function_call`, `logit_bias`, a non-text `response_format`):
+those are refused with a 400 naming the field.
 Fields it *does* implement are validated strictly (JSON types included), so that a bad value is a
 400 naming the field (`param`), never a silent clamp or coercion. These models are also the
 request schemas of `/openapi.json` (`server.openapi`). Family-specific checks (which experts
@@ -124,6 +127,31 @@ class _SamplingFields(OpenAIBaseModel):
             raise ValueError(
                 "stream_options: Stream options can only be defined when `stream=True`.")
         return self
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> _SamplingFields:
+        # Tool calling is not implemented. Accepting `tools` and answering in plain text would
+        # let an agent loop believe the model chose not to call anything, so anything that asks
+        # for a call is a 400 naming the parameter; `tool_choice: "none"` asks for none and is
+        # honoured as it is (the tools are then only context the server does not render).
+        _refuse_calls(self.model_extra or {}, "tools", "tool_choice")
+        _refuse_calls(self.model_extra or {}, "functions", "function_call")
+        return self
+
+
+def _refuse_calls(extra: dict[str, Any], tools_key: str, choice_key: str) -> None:
+    """400 (via ValueError "<param>: ...") when a request asks for tool or function calls."""
+    choice = extra.get(choice_key)
+    if choice is not None and choice != "none":
+        raise ValueError(
+            f"{choice_key}: tool calling is not supported by this server; "
+            f'leave {choice_key} out or send "none"'
+        )
+    if extra.get(tools_key) and choice != "none":
+        raise ValueError(
+            f"{tools_key}: tool calling is not supported by this server; "
+            f'send no {tools_key}, or {choice_key}: "none"'
+        )
 
 
 class CompletionRequest(_SamplingFields):
@@ -397,6 +425,10 @@ class ModelList(BaseModel):
 class HealthResponse(BaseModel):
     status: str
     error: str | None = None
+
+
+class VersionResponse(BaseModel):
+    version: str
 
 
 class ReadyResponse(BaseModel):
