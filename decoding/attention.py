@@ -15,8 +15,9 @@ Each layer's call:
    - on CUDA, one call to a varlen paged kernel when the installed torch has one
      (`torch.nn.attention.varlen.varlen_attn` with a block table), chosen at start;
    - otherwise the exact path: the decode tokens of the step in one batched SDPA over their
-     gathered blocks (a key mask per row: its length and window), and each prompt chunk in
-     one SDPA with a causal mask offset by what the sequence already holds.
+     gathered blocks (a key mask per row: its length and window); short prompt chunks
+     together in one padded SDPA, and each long one alone, with causal masks offset by what
+     their sequences already hold.
 
 A model that gives `softcap` (Gemma-2) runs the exact path's manual softmax; sliding-window
 layers mask keys before `position - window + 1` (transformers' convention).
@@ -47,6 +48,19 @@ class Chunk:
 
 
 @dataclass
+class Group:
+    """Short multi-token runs of several sequences (prompt chunks of requests that arrived
+    together), attended in one padded call: each run's queries padded to the longest with
+    copies of its last query, whose outputs are dropped."""
+
+    q_index: torch.Tensor  # [S * tmax] the step token each padded query reads
+    positions: torch.Tensor  # [S, tmax] their positions in their sequences
+    tables: torch.Tensor  # [S, nb] block tables, padded with the null block
+    real: torch.Tensor  # [R] padded queries that are real tokens ...
+    out_index: torch.Tensor  # [R] ... and the step tokens they answer for
+
+
+@dataclass
 class StepBatch:
     """Everything one flattened forward needs besides the token ids: built on the host, moved
     to the device in one copy. Plain tensors and ints, so it could be broadcast to the ranks of
@@ -58,7 +72,8 @@ class StepBatch:
     decode_index: torch.Tensor  # [Bd] their tokens' indices in the step
     decode_tables: torch.Tensor  # [Bd, nb] block tables, padded with the null block
     decode_positions: torch.Tensor  # [Bd] their positions
-    chunks: list[Chunk]
+    chunks: list[Chunk]  # long runs, one call each
+    group: Group | None  # short runs, one call together
     num_tokens: int
     all_decode: bool  # every token is a decode token, in step order (no scatter needed)
     windows: list[int | None]  # per layer (None: full attention)
@@ -80,6 +95,15 @@ class StepBatch:
             keys = torch.arange(width, device=self.decode_positions.device)
             self._masks[key] = _additive(keys, self.decode_positions.unsqueeze(-1), window,
                                          dtype)[:, None, None, :]  # fmt: skip
+        return self._masks[key]
+
+    def group_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """[S, 1, tmax, nb * block] additive causal masks of the grouped runs."""
+        key = ("group", window, dtype)
+        if key not in self._masks:
+            g = self.group
+            keys = torch.arange(g.tables.shape[1] * self.block_size, device=g.tables.device)
+            self._masks[key] = _additive(keys, g.positions.unsqueeze(-1), window, dtype)[:, None]
         return self._masks[key]
 
     def chunk_mask(self, i: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -191,6 +215,15 @@ def paged_attention(
         qd = q.index_select(0, batch.decode_index).unsqueeze(2)
         od = _attend(qd, k, v, batch.decode_mask(window, q.dtype), scaling, softcap)
         out.index_copy_(0, batch.decode_index, od.squeeze(2))
+    if batch.group is not None:
+        g = batch.group
+        s, tmax = g.positions.shape
+        qg = q.index_select(0, g.q_index).view(s, tmax, *q.shape[1:]).transpose(1, 2)
+        k = _gather(k_pool, g.tables)
+        v = _gather(v_pool, g.tables)
+        og = _attend(qg, k, v, batch.group_mask(window, q.dtype), scaling, softcap)
+        og = og.transpose(1, 2).reshape(s * tmax, *q.shape[1:])
+        out.index_copy_(0, g.out_index, og.index_select(0, g.real))
     for i, c in enumerate(batch.chunks):
         k = _gather(k_pool, c.table).unsqueeze(0)
         v = _gather(v_pool, c.table).unsqueeze(0)

@@ -86,11 +86,21 @@ class BlockPool:
         return max(0, self.blocks_for(upto) - len(seq.blocks)) + self._cow(seq, upto)
 
     def _cow(self, seq: KVSeq, upto: int) -> int:
-        """1 when writing up to `upto` would touch a partial last block others share."""
-        if upto <= seq.length or seq.length % self.block_size == 0 or not seq.blocks:
+        """1 when writing up to `upto` would touch a block others share (the partial last block
+        of forked siblings)."""
+        at = seq.length // self.block_size
+        if upto <= seq.length or at >= len(seq.blocks):
             return 0
-        last = seq.blocks[seq.length // self.block_size]
-        return int(last != NULL_BLOCK and self.refs[last] > 1)
+        block = seq.blocks[at]
+        return int(block != NULL_BLOCK and self.refs[block] > 1)
+
+    def writable(self, seq: KVSeq, upto: int) -> bool:
+        """Whether `seq` may write its tokens up to `upto` without a new block (the common
+        decode step; what `needed(seq, upto) == 0` says, in fewer steps)."""
+        n = len(seq.tokens)
+        return upto <= len(seq.blocks) * self.block_size and (
+            upto <= n or self.refs[seq.blocks[n // self.block_size]] == 1
+        )
 
     # ------------------------------------------------------------------ allocation
 

@@ -768,8 +768,9 @@ class Engine:
             stats.step_seconds = time.perf_counter() - t_start
         used = total = 0
         for runner, names in self.groups:
+            held = runner.tokens_by_owner()
             for name in names:
-                stats.kv_cache_tokens[name] = runner.num_tokens(name)
+                stats.kv_cache_tokens[name] = held.get(name, 0)
                 # Members share their runner's pool: its bytes count once, under its name.
                 first = name == runner.name
                 stats.kv_cache_bytes[name] = runner.nbytes() if first else 0

@@ -20,6 +20,7 @@ table); see docs/architecture.md. Not built: it needs a CUDA machine to be check
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -28,7 +29,7 @@ import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from . import attention
-from .attention import ATTENTION, Chunk, StepBatch
+from .attention import ATTENTION, Chunk, Group, StepBatch
 from .blocks import NULL_BLOCK, BlockPool, KVSeq
 from .loading import AdapterSwitch, LoadedModel
 
@@ -36,6 +37,9 @@ if TYPE_CHECKING:
     from .family import Family
 
 KINDS = ("full_attention", "sliding_attention")
+# Prompt chunks up to this long attend together in one padded call (prompts arriving together
+# are alike); longer ones alone, so one long chunk never pads many short ones to its length.
+SHORT_CHUNK = 64
 
 
 class UnsupportedModelError(ValueError):
@@ -128,6 +132,7 @@ class ModelRunner:
         self.device = self.model.input_device
         self.windows = attention_windows(self.module)
         self.dtype = self.module.dtype
+        self._implementation: _Implementation | None = None
         self.layers = self._probe()
         self.pool: BlockPool | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -137,6 +142,7 @@ class ModelRunner:
         self.slide = min(self.windows) if self.windows and None not in self.windows else None  # type: ignore[type-var]
         self.use_varlen = False
         self.uploader = Uploader(self.device)
+        self._implementation: _Implementation | None = None
 
     # ------------------------------------------------------------------ the pool
 
@@ -153,7 +159,7 @@ class ModelRunner:
             )
         return [probe.shapes[i] for i in range(len(self.windows))]
 
-    @property
+    @functools.cached_property
     def block_bytes_per_token(self) -> int:
         """KV bytes one token of one member takes over all layers."""
         return sum(s.token_bytes for s in self.layers)
@@ -231,9 +237,7 @@ class ModelRunner:
     def has_room(self, handle: int) -> bool:
         """Whether `handle`'s blocks hold one more token (most decode steps: no new block)."""
         seq = self.seqs[handle]
-        return seq.length < len(seq.blocks) * self.pool.block_size and not self.pool.needed(
-            seq, seq.length + 1
-        )
+        return self.pool.writable(seq, len(seq.tokens) + 1)
 
     def needed(self, handle: int, upto: int) -> int:
         """New blocks `handle` needs to hold `upto` tokens."""
@@ -260,11 +264,17 @@ class ModelRunner:
 
     def num_tokens(self, owner: str | None = None) -> int:
         """Tokens held by the handles of `owner` (a member), or of every member."""
-        return sum(
-            s.length - s.dropped * self.pool.block_size
-            for s in self.seqs.values()
-            if owner in (None, s.owner)
-        )
+        if owner is None:
+            return sum(self.tokens_by_owner().values())
+        return self.tokens_by_owner().get(owner, 0)
+
+    def tokens_by_owner(self) -> dict[str, int]:
+        """Tokens held per member (a window's released blocks no longer count)."""
+        out: dict[str, int] = {}
+        bs = self.pool.block_size
+        for s in self.seqs.values():
+            out[s.owner] = out.get(s.owner, 0) + len(s.tokens) - s.dropped * bs
+        return out
 
     def _zero_fresh(self) -> None:
         if self.pool.fresh:
@@ -311,8 +321,8 @@ class ModelRunner:
         dec_pos_rows: list[bool] = []  # per decode-group entry: its id comes from the device
         t = 0
         for i, (seq, chunk, n) in enumerate(zip(seqs, chunks, lens)):
-            start = seq.length
-            if len(seq.blocks) * bs < start + n or pool.needed(seq, start + n):
+            start = len(seq.tokens)
+            if not pool.writable(seq, start + n):
                 pool.reserve(seq, start + n)
             blocks = seq.blocks
             if n == 1:  # a decode token (or a one-token chunk): the common case, kept short
@@ -352,6 +362,17 @@ class ModelRunner:
             "from_device": [dec_index[j] for j, r in enumerate(dec_pos_rows) if r],
             "fresh": fresh, "copy_from": [a for a, _ in copies], "copy_to": [b for _, b in copies],
         }  # fmt: skip
+        short = [m for m in chunk_meta if m[1] <= SHORT_CHUNK] if len(chunk_meta) > 1 else []
+        chunk_meta = [m for m in chunk_meta if not (short and m[1] <= SHORT_CHUNK)]
+        if short:
+            tmax = max(m[1] for m in short)
+            nb = max(len(m[3]) for m in short)
+            clamp = [(m, [min(j, m[1] - 1) for j in range(tmax)]) for m in short]
+            named["g_q"] = [m[0] + j for m, js in clamp for j in js]
+            named["g_pos"] = [m[2] + j for m, js in clamp for j in js]
+            named["g_tables"] = [x for m in short for x in m[3] + [NULL_BLOCK] * (nb - len(m[3]))]
+            named["g_real"] = [i * tmax + j for i, m in enumerate(short) for j in range(m[1])]
+            named["g_out"] = [m[0] + j for m in short for j in range(m[1])]
         if self.use_varlen:
             most = max(len(s.blocks) for s in seqs)
             named["cu_q"] = [0, *itertools.accumulate(lens)]
@@ -379,6 +400,15 @@ class ModelRunner:
             decode_tables=dev["d_tables"].view(len(dec_tables), max(width, 1)),
             decode_positions=dev["d_pos"],
             chunks=[Chunk(m[0], m[1], dev[f"chunk{i}"], m[2]) for i, m in enumerate(chunk_meta)],
+            group=Group(
+                dev["g_q"],
+                dev["g_pos"].view(len(short), -1),
+                dev["g_tables"].view(len(short), -1),
+                dev["g_real"],
+                dev["g_out"],
+            )
+            if short
+            else None,  # fmt: skip
             num_tokens=t,
             all_decode=len(dec_index) == t,
             windows=self.windows,
@@ -446,7 +476,9 @@ class ModelRunner:
         return _split(self.decode(slots, tokens), {m: len(sl) for m, (sl, _) in calls.items()})
 
     def _paged(self):
-        return _Implementation(self.module, ATTENTION)
+        if self._implementation is None:
+            self._implementation = _Implementation(self.module, ATTENTION)
+        return self._implementation
 
     def _call(self, owners: list[str | None] | None, **inputs):
         if self.switch is None or owners is None:
@@ -537,18 +569,33 @@ class Uploader:
 
 class _Implementation:
     """Runs a module with another attention implementation inside `with` (transformers reads
-    `config._attn_implementation` at every call), restoring its own afterwards."""
+    `config._attn_implementation` at every call), restoring its own afterwards. The value is
+    written straight into each config (the module's and its sub-configs'), once per forward:
+    the property setter walks the sub-configs every time, which cost 40 us per forward."""
 
     def __init__(self, module: torch.nn.Module, name: str):
-        self.config = module.config
+        self.configs = _configs(module.config)
         self.name = name
 
     def __enter__(self):
-        self.saved = self.config._attn_implementation
-        self.config._attn_implementation = self.name
+        self.saved = [c.__dict__.get("_attn_implementation_internal") for c in self.configs]
+        for c in self.configs:
+            c.__dict__["_attn_implementation_internal"] = self.name
 
     def __exit__(self, *exc):
-        self.config._attn_implementation = self.saved
+        for c, saved in zip(self.configs, self.saved):
+            c.__dict__["_attn_implementation_internal"] = saved
+
+
+def _configs(config) -> list:
+    """A config and its sub-configs, recursively (where transformers keeps the attention
+    implementation of each part of a model)."""
+    out = [config]
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "__dict__"):
+            out += _configs(sub)
+    return out
 
 
 def _pad_rows(out: torch.Tensor, lens: list[int]) -> torch.Tensor:
