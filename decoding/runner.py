@@ -305,6 +305,9 @@ class ModelRunner:
         cache's keys). Blocks must be reserved; any still missing are taken here. Returns the
         logits [K, V] of each row's last token, or of every token of the rows in `keep_all`,
         in row order."""
+        keeps = keep_all if isinstance(keep_all, list) else [keep_all]
+        if decode_ids is not None and not any(keeps) and not any(chunks):
+            return self._decode(handles, decode_ids, decode_tokens)
         pool, bs = self.pool, self.pool.block_size
         keep = [keep_all] * len(handles) if isinstance(keep_all, bool) else keep_all
         seqs = [self.seqs[h] for h in handles]
@@ -439,6 +442,70 @@ class ModelRunner:
         if self.slide is not None:
             for seq in seqs:
                 pool.drop_before(seq, seq.length - self.slide)
+        return out
+
+    def _decode(
+        self, handles: list[int], ids: torch.Tensor, tokens: list[int] | None
+    ) -> torch.Tensor:
+        """`forward` of a plain decode step (one token per row, ids on the device, the last
+        logits of every row): the same computation with the least host work, since it is the
+        step a server runs most."""
+        pool, bs = self.pool, self.pool.block_size
+        seqs = [self.seqs[h] for h in handles]
+        positions, slots, tables = [], [], []
+        for i, seq in enumerate(seqs):
+            p = len(seq.tokens)
+            if not pool.writable(seq, p + 1):
+                pool.reserve(seq, p + 1)
+            blocks = seq.blocks
+            positions.append(p)
+            slots.append(blocks[p // bs] * bs + p % bs)
+            tables.append(blocks)
+            seq.tokens.append(tokens[i] if tokens else -1)  # -1: see `rewrite`
+        width = max(len(b) for b in tables)
+        flat = [x for b in tables for x in b + [NULL_BLOCK] * (width - len(b))]
+        fresh, pool.fresh = pool.fresh, []
+        copies, pool.copies = pool.copies, []
+        arrays = [positions, slots, flat, fresh, [a for a, _ in copies], [b for _, b in copies]]
+        pos, smap, tab, dev_fresh, copy_from, copy_to = self._upload(arrays)
+        if fresh:
+            self._zero(dev_fresh)
+        for k, v in self.kv if copies else ():
+            k.index_copy_(0, copy_to, k.index_select(0, copy_from))
+            v.index_copy_(0, copy_to, v.index_select(0, copy_from))
+        b = len(seqs)
+        batch = StepBatch(
+            block_size=bs, slot_mapping=smap, decode_index=pos[:0],
+            decode_tables=tab.view(b, width), decode_positions=pos, chunks=[], group=None,
+            num_tokens=b, all_decode=True, windows=self.windows, pools=self.kv,
+        )  # fmt: skip
+        if self.use_varlen:
+            seq_lens = [p + 1 for p in positions]
+            cu_q, kv_lens = self._upload([list(range(b + 1)), seq_lens])
+            batch.cu_q, batch.seq_lens, batch.tables = (
+                cu_q.int(),
+                kv_lens.int(),
+                batch.decode_tables.int(),
+            )
+            batch.max_q, batch.max_k = 1, max(seq_lens)
+        owners = [self.seqs[h].owner for h in handles] if self.switch is not None else None
+        try:
+            with self._paged(), attention.activated(batch):
+                out = self._call(
+                    owners, input_ids=ids.to(pos.device).unsqueeze(0),
+                    position_ids=pos.unsqueeze(0), logits_to_keep=0,
+                ).logits[0]  # fmt: skip
+        except BaseException:
+            for seq in seqs:
+                pool.truncate(seq, len(seq.tokens) - 1)
+            raise
+        if tokens:
+            for seq in seqs:
+                if len(seq.tokens) % bs == 0:
+                    pool.commit(seq)
+        if self.slide is not None:
+            for seq in seqs:
+                pool.drop_before(seq, len(seq.tokens) - self.slide)
         return out
 
     def _upload(self, arrays: list[list[int]]) -> list[torch.Tensor]:
