@@ -57,12 +57,16 @@ def test_engine_bench_output_is_parsed() -> None:
 
 
 def test_ratios_say_how_much_faster_the_new_engine_is() -> None:
-    old = [{"step_ms": 10.0, "combine_ms": 1.0, "tokens_per_s": 100.0}] * 2
-    old = old + [{"step_ms": 99.0, "combine_ms": 9.0, "tokens_per_s": 1.0}]  # an outlier round
-    new = [{"step_ms": 5.0, "combine_ms": 2.0, "tokens_per_s": 150.0}] * 3
+    old = [{"step_ms": 10.0, "combine_ms": 1.0, "tokens_per_s": 100.0, "decode_step_ms": 8.0}] * 2
+    old = old + [{"step_ms": 99.0, "combine_ms": 9.0, "tokens_per_s": 1.0,
+                  "decode_step_ms": 80.0}]  # an outlier round  # fmt: skip
+    new = [{"step_ms": 5.0, "combine_ms": 2.0, "tokens_per_s": 150.0, "decode_step_ms": 4.0}] * 3
     res = compare({"old": old, "new": new})
     assert res["old"]["step_ms"] == 10.0  # medians: the outlier does not count
-    assert res["step_vs_baseline"] == pytest.approx(2.0)  # half the step time: 2x faster
+    assert res["engine_step_vs_baseline"] == pytest.approx(2.0)  # half the step: 2x faster
+    # The decode step's ratio is the median of each round's pair (old and new back to back).
+    assert res["decode_step_ratios"] == [2.0, 2.0, 20.0]
+    assert res["step_vs_baseline"] == pytest.approx(2.0)
     assert res["combine_vs_baseline"] == pytest.approx(0.5)  # combine got slower
     assert res["throughput_vs_baseline"] == pytest.approx(1.5)
     assert len(res["new"]["rounds"]) == 3
