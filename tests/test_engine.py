@@ -956,3 +956,27 @@ def test_joining_prompts_get_a_prefill_share_per_decoding_row():
     unlimited.running = list(sched.running)
     unlimited.waiting.append(waiting_request(100))
     assert unlimited.schedule()[0].prefill[0].spans == {"m": (0, 100)}
+
+
+def test_a_pad_token_outside_the_embedding_is_never_fed(tiny_family_path, tmp_path):
+    """A tokenizer that declares a pad token past its model's embedding (as Qwen2 families can)
+    is served: the engine feeds no padding (one flattened row per step), and the id is outside
+    the shared vocabulary, so it is never sampled either."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    family_dir = tmp_path / "family"
+    shutil.copytree(tiny_family_path.parent, family_dir)
+    for name in ("large-base", "small-base", "helpful", "harmless"):
+        tok = AutoTokenizer.from_pretrained(family_dir / name)
+        tok.add_special_tokens({"pad_token": "<|pad-outside|>"})
+        tok.save_pretrained(family_dir / name)
+    family = load_family(family_dir / "family.yaml")
+    pad = family.models["small-base"].tokenizer.pad_token_id
+    width = family.models["small-base"].module.get_input_embeddings().weight.shape[0]
+    assert pad >= width and family.vocab_size <= width
+    out = alone(family, PROMPTS[1], {"helpful": 1.0}, max_tokens=6, ignore_eos=True, n=2,
+                temperature=1.0, seed=3)  # fmt: skip
+    assert out["finish"] == "length" and len(out["tokens"]) == 6
+    assert max(out["tokens"]) < family.vocab_size
