@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from . import attention
-from .attention import ATTENTION, Chunk, Group, StepBatch
+from .attention import ATTENTION, AttentionSwitch, Chunk, Group, StepBatch, Uploader
 from .blocks import NULL_BLOCK, BlockPool, KVSeq
 from .loading import AdapterSwitch, LoadedModel
 
@@ -132,7 +132,7 @@ class ModelRunner:
         self.device = self.model.input_device
         self.windows = attention_windows(self.module)
         self.dtype = self.module.dtype
-        self._implementation: _Implementation | None = None
+        self._implementation: AttentionSwitch | None = None
         self.layers = self._probe()
         self.pool: BlockPool | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -142,7 +142,6 @@ class ModelRunner:
         self.slide = min(self.windows) if self.windows and None not in self.windows else None  # type: ignore[type-var]
         self.use_varlen = False
         self.uploader = Uploader(self.device)
-        self._implementation: _Implementation | None = None
 
     # ------------------------------------------------------------------ the pool
 
@@ -544,7 +543,7 @@ class ModelRunner:
 
     def _paged(self):
         if self._implementation is None:
-            self._implementation = _Implementation(self.module, ATTENTION)
+            self._implementation = AttentionSwitch(self.module, ATTENTION)
         return self._implementation
 
     def _call(self, owners: list[str | None] | None, **inputs):
@@ -594,75 +593,6 @@ class ModelRunner:
                 f"{name}: its forward over eft-serve's paged KV differs from its own full "
                 f"forward (log-prob difference {worst:.3g}); this architecture is not supported"
             )
-
-
-class Uploader:
-    """Host int lists -> device tensors in one copy per forward.
-
-    On CUDA the lists go through one of two persistent pinned staging buffers into a
-    persistent device buffer, asynchronously: the forward is queued behind the copy and the
-    host never waits for it. A staging buffer is refilled only once the copy that last read it
-    has finished (its event; two forwards back, so in practice never a wait). Elsewhere the
-    host tensor is used as it is.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.host: list[torch.Tensor | None] = [None, None]
-        self.dev: list[torch.Tensor | None] = [None, None]
-        self.done: list = [None, None]
-        self.turn = 0
-
-    def __call__(self, arrays: list[list[int]]) -> list[torch.Tensor]:
-        sizes = [len(a) for a in arrays]
-        flat = torch.tensor([x for a in arrays for x in a], dtype=torch.long)
-        if not self.cuda:
-            return list(flat.to(self.device).split(sizes))
-        i, n = self.turn, flat.numel()
-        self.turn ^= 1
-        if self.host[i] is None or self.host[i].numel() < n:
-            size = max(n, 4096, 2 * (0 if self.host[i] is None else self.host[i].numel()))
-            self.host[i] = torch.empty(size, dtype=torch.long, pin_memory=True)
-            self.dev[i] = torch.empty(size, dtype=torch.long, device=self.device)
-        elif self.done[i] is not None:
-            self.done[i].synchronize()
-        self.host[i][:n].copy_(flat)
-        self.dev[i][:n].copy_(self.host[i][:n], non_blocking=True)
-        self.done[i] = torch.cuda.Event()
-        self.done[i].record()
-        return list(self.dev[i][:n].split(sizes))
-
-
-class _Implementation:
-    """Runs a module with another attention implementation inside `with` (transformers reads
-    `config._attn_implementation` at every call), restoring its own afterwards. The value is
-    written straight into each config (the module's and its sub-configs'), once per forward:
-    the property setter walks the sub-configs every time, which cost 40 us per forward."""
-
-    def __init__(self, module: torch.nn.Module, name: str):
-        self.configs = _configs(module.config)
-        self.name = name
-
-    def __enter__(self):
-        self.saved = [c.__dict__.get("_attn_implementation_internal") for c in self.configs]
-        for c in self.configs:
-            c.__dict__["_attn_implementation_internal"] = self.name
-
-    def __exit__(self, *exc):
-        for c, saved in zip(self.configs, self.saved):
-            c.__dict__["_attn_implementation_internal"] = saved
-
-
-def _configs(config) -> list:
-    """A config and its sub-configs, recursively (where transformers keeps the attention
-    implementation of each part of a model)."""
-    out = [config]
-    for key in getattr(config, "sub_configs", {}) or {}:
-        sub = getattr(config, key, None)
-        if sub is not None and hasattr(sub, "__dict__"):
-            out += _configs(sub)
-    return out
 
 
 def _pad_rows(out: torch.Tensor, lens: list[int]) -> torch.Tensor:
