@@ -27,6 +27,7 @@ class IncrementalDetokenizer:
         self.read_offset = 0
         self.text = ""  # all decoded text so far (stop text excluded once found)
         self.emitted = 0  # characters of `text` already returned to the caller
+        self.check_from = 0  # stop strings match only text from here on (after `min_tokens`)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special)
@@ -44,10 +45,15 @@ class IncrementalDetokenizer:
             self.text += full[len(prefix) :]
             self.prefix_offset = self.read_offset
             self.read_offset = len(self.ids)
-        if self.stop and check_stop:
-            # Only the new tail (plus the longest stop string's reach back) can hold a new match.
-            start = max(0, self.emitted - max(len(s) for s in self.stop) + 1)
-            hits = [(self.text.find(s, start), s) for s in self.stop]
+        if not check_stop:
+            self.check_from = len(self.text)  # generated before `min_tokens`: never a stop
+        elif self.stop:
+            # Only the new tail, plus each stop string's own reach back into text held back or
+            # just emitted, can hold a new match; never text from before `min_tokens`.
+            hits = [
+                (self.text.find(s, max(self.check_from, self.emitted - len(s) + 1)), s)
+                for s in self.stop
+            ]
             hits = [(i, s) for i, s in hits if i >= 0]
             if hits:
                 index, stop = min(hits)

@@ -45,3 +45,22 @@ def test_text_that_only_looks_like_a_stop_prefix_is_released(tiny_family):
     pieces, hit = feed(tok, tok.encode(TEXT, add_special_tokens=False), ["café!", "rivers"])
     assert hit is None
     assert "".join(pieces) == TEXT
+
+
+def test_stop_strings_ignore_text_from_before_min_tokens(tiny_family):
+    """A "." generated before `min_tokens` is no stop, whatever the other stop strings' reach
+    (a 200-character stop string once made the search look back over it); the next "." after
+    `min_tokens` is."""
+    tok = tiny_family.tokenizer
+    text = "salt. copper and river. city"
+    ids = tok.encode(text, add_special_tokens=False)
+    first = next(i for i in range(1, len(ids) + 1) if "." in tok.decode(ids[:i]))
+    detok = IncrementalDetokenizer(tok, [".", "z" * 200])
+    out, hit = "", None
+    for n, t in enumerate(ids, start=1):
+        piece, hit = detok.add(t, check_stop=n > first)  # min_tokens just past the first "."
+        out += piece
+        if hit:
+            break
+    assert hit == "."
+    assert out == text[: text.index(".", text.index(".") + 1)]
