@@ -490,14 +490,19 @@ class Handlers:
                     prompt=prompt_lp.get(pi))
             if not ch.started and echo_text is not None:
                 text = echo_text[pi] + text
+            # vLLM sends prompt_logprobs once, in each choice's first chunk.
+            plp = None
+            if req.prompt_logprobs is not None and not ch.started and pi in prompt_lp:
+                plp = LP.vllm_prompt_logprobs(self.ttext, prompt_lp[pi])
             ch.started = True
             trace = run.trace.entries(out.trace) if run.trace is not None and out.trace else None
             ptrace = run.trace.entries(out.prompt_trace) if run.trace is not None else None
-            if not text and out.finish_reason is None and not (lp and lp.tokens) and not trace:
+            if (not text and out.finish_reason is None and not (lp and lp.tokens) and not trace
+                    and plp is None):
                 return None
             return P.CompletionChoice(index=idx, text=text, logprobs=lp,
                                       finish_reason=out.finish_reason, stop_reason=out.stop_reason,
-                                      trace=trace, prompt_trace=ptrace)
+                                      prompt_logprobs=plp, trace=trace, prompt_trace=ptrace)
 
         return self.stream(run, P.CompletionStreamResponse, _include_usage(req), to_choice)
 

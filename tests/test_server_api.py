@@ -220,6 +220,18 @@ async def test_completion_stream_framing_and_usage(api):
     assert all("usage" not in e for e in sse(r.text))
 
 
+async def test_prompt_logprobs_come_in_each_choices_first_streamed_chunk(api):
+    body = {"model": "tiny", "prompt": "the river was founded", "max_tokens": 3, "n": 2,
+            "temperature": 0, "prompt_logprobs": 2, "ignore_eos": True}
+    plain = await complete(api, **body)
+    r = await api.client.post("/v1/completions", json={**body, "stream": True})
+    chunks = [c for e in sse(r.text) for c in e["choices"]]
+    for idx in (0, 1):
+        mine = [c for c in chunks if c["index"] == idx]
+        assert mine[0]["prompt_logprobs"] == plain["choices"][idx]["prompt_logprobs"]
+        assert all("prompt_logprobs" not in c for c in mine[1:])  # once, not per chunk
+
+
 async def test_streamed_text_equals_non_streamed(api):
     body = {"model": "tiny", "prompt": "the river", "max_tokens": 5, "temperature": 0,
             "echo": True}
