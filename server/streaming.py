@@ -180,6 +180,11 @@ async def with_pings(content: AsyncIterator[str], interval: float) -> AsyncItera
             nxt.cancel()
             with contextlib.suppress(BaseException):
                 await nxt
+        elif nxt is not None and not nxt.cancelled():
+            # It ended (StopAsyncIteration, or an error) while we waited at a `yield`: read its
+            # outcome, or asyncio logs "Task exception was never retrieved" at ERROR when the
+            # task is collected (seen on ordinary client disconnects).
+            nxt.exception()
         aclose = getattr(it, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):

@@ -74,3 +74,31 @@ def test_metrics_label_sets_are_initialised_and_bounded():
     assert m.registry.get_sample_value("eft_generation_tokens_total") == 3
     assert m.registry.get_sample_value("eft_model_forward_seconds_count",
                                        {"model": "intruder"}) is None
+
+
+def test_a_stream_closed_after_its_content_ended_logs_no_task_error():
+    """The client goes while the stream waits at a ping and its content has just ended: the
+    finished read-ahead task's StopAsyncIteration is collected, not logged by asyncio at ERROR
+    ("Task exception was never retrieved"), which would trip alerting on every such disconnect."""
+    import asyncio
+    import gc
+
+    from server.streaming import PING, with_pings
+
+    async def content():
+        await asyncio.sleep(0.05)
+        return
+        yield  # an async generator that ends without an item
+
+    async def go() -> list:
+        errors: list = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: errors.append(ctx))
+        stream = with_pings(content(), interval=0.01)
+        assert await anext(stream) == PING
+        await asyncio.sleep(0.1)  # the content ends meanwhile
+        await stream.aclose()
+        gc.collect()
+        await asyncio.sleep(0)
+        return errors
+
+    assert asyncio.run(go()) == []
