@@ -77,7 +77,6 @@ class StepBatch:
     decode_positions: torch.Tensor  # [Bd] their positions
     chunks: list[Chunk]  # long runs, one call each
     group: Group | None  # short runs, one call together
-    num_tokens: int
     all_decode: bool  # every token is a decode token, in step order (no scatter needed)
     windows: list[int | None]  # per layer (None: full attention)
     pools: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [N, block, heads, dim]

@@ -275,11 +275,6 @@ class ModelRunner:
             out[s.owner] = out.get(s.owner, 0) + len(s.tokens) - s.dropped * bs
         return out
 
-    def _zero_fresh(self) -> None:
-        if self.pool.fresh:
-            self._zero(torch.tensor(self.pool.fresh, device=self.device))
-            self.pool.fresh = []
-
     def _zero(self, blocks: list[int] | torch.Tensor) -> None:
         if len(blocks):
             index = torch.as_tensor(blocks, device=self.device)
@@ -354,15 +349,12 @@ class ModelRunner:
             else:
                 keep_index.append(t + n - 1)
             t += n
-        fresh, pool.fresh = pool.fresh, []  # blocks new to the pool: zeroed before use
-        copies, pool.copies = pool.copies, []  # shared blocks copied before a sibling writes
         width = max((len(b) for b in dec_tables), default=0)
         named = {
             "ids": host_ids, "pos": positions, "smap": slot_mapping, "d_index": dec_index,
-            "d_pos": dec_pos, "keep": keep_index,
-            "d_tables": [x for b in dec_tables for x in b + [NULL_BLOCK] * (width - len(b))],
+            "d_pos": dec_pos, "keep": keep_index, "d_tables": _padded(dec_tables, width),
             "from_device": [dec_index[j] for j, r in enumerate(dec_pos_rows) if r],
-            "fresh": fresh, "copy_from": [a for a, _ in copies], "copy_to": [b for _, b in copies],
+            **self._pool_changes(), **self._varlen_arrays(seqs, lens),
         }  # fmt: skip
         short = [m for m in chunk_meta if m[1] <= SHORT_CHUNK] if len(chunk_meta) > 1 else []
         chunk_meta = [m for m in chunk_meta if not (short and m[1] <= SHORT_CHUNK)]
@@ -375,21 +367,9 @@ class ModelRunner:
             named["g_tables"] = [x for m in short for x in m[3] + [NULL_BLOCK] * (nb - len(m[3]))]
             named["g_real"] = [i * tmax + j for i, m in enumerate(short) for j in range(m[1])]
             named["g_out"] = [m[0] + j for m in short for j in range(m[1])]
-        if self.use_varlen:
-            most = max(len(s.blocks) for s in seqs)
-            named["cu_q"] = [0, *itertools.accumulate(lens)]
-            named["kv_lens"] = [s.length for s in seqs]
-            named["tables"] = [
-                x for s in seqs for x in s.blocks + [NULL_BLOCK] * (most - len(s.blocks))
-            ]
         names = list(named) + [f"chunk{i}" for i in range(len(chunk_meta))]
         dev = dict(zip(names, self._upload([*named.values(), *(m[3] for m in chunk_meta)])))
-        if fresh:
-            self._zero(dev["fresh"])
-        if copies:
-            for k, v in self.kv:
-                k.index_copy_(0, dev["copy_to"], k.index_select(0, dev["copy_from"]))
-                v.index_copy_(0, dev["copy_to"], v.index_select(0, dev["copy_from"]))
+        self._apply_pool_changes(dev)
         ids = dev["ids"]
         if len(dec_rows) == t and decode_ids is not None:
             ids = decode_ids.to(ids.device)  # a plain decode step: the ids are all on the device
@@ -411,37 +391,17 @@ class ModelRunner:
             )
             if short
             else None,  # fmt: skip
-            num_tokens=t,
             all_decode=len(dec_index) == t,
             windows=self.windows,
             pools=self.kv,
         )
-        if self.use_varlen:
-            batch.cu_q, batch.seq_lens = dev["cu_q"].int(), dev["kv_lens"].int()
-            batch.tables = dev["tables"].view(len(seqs), most).int()
-            batch.max_q, batch.max_k = max(lens), max(named["kv_lens"])
+        self._set_varlen(batch, dev, seqs, lens)
         owners = None
         if self.switch is not None:
             owners = [self.seqs[h].owner for h, n in zip(handles, lens) for _ in range(n)]
-        try:
-            with self._paged(), attention.activated(batch):
-                out = self._call(
-                    owners,
-                    input_ids=ids.unsqueeze(0),
-                    position_ids=dev["pos"].unsqueeze(0),
-                    # Every token's logits (0) without an index where every token is kept.
-                    logits_to_keep=0 if len(keep_index) == t else dev["keep"],
-                ).logits[0]
-        except BaseException:
-            for seq, n in zip(seqs, lens):  # the rows hold what they held before
-                pool.truncate(seq, seq.length - n)
-            raise
-        for seq in seqs:
-            pool.commit(seq)
-        if self.slide is not None:
-            for seq in seqs:
-                pool.drop_before(seq, seq.length - self.slide)
-        return out
+        # Every token's logits (0) without an index where every token is kept.
+        keep_arg = 0 if len(keep_index) == t else dev["keep"]
+        return self._run(batch, seqs, lens, owners, ids, dev["pos"], keep_arg)
 
     def _decode(
         self, handles: list[int], ids: torch.Tensor, tokens: list[int] | None
@@ -462,46 +422,69 @@ class ModelRunner:
             tables.append(blocks)
             seq.tokens.append(tokens[i] if tokens else -1)  # -1: see `rewrite`
         width = max(len(b) for b in tables)
-        flat = [x for b in tables for x in b + [NULL_BLOCK] * (width - len(b))]
+        lens = [1] * len(seqs)
+        named = {"pos": positions, "smap": slots, "tables": _padded(tables, width),
+                 **self._pool_changes(), **self._varlen_arrays(seqs, lens)}  # fmt: skip
+        dev = dict(zip(named, self._upload(list(named.values()))))
+        self._apply_pool_changes(dev)
+        pos = dev["pos"]
+        batch = StepBatch(
+            block_size=bs, slot_mapping=dev["smap"], decode_index=pos[:0],
+            decode_tables=dev["tables"].view(len(seqs), width), decode_positions=pos, chunks=[],
+            group=None, all_decode=True, windows=self.windows, pools=self.kv,
+        )  # fmt: skip
+        self._set_varlen(batch, dev, seqs, lens)
+        owners = [self.seqs[h].owner for h in handles] if self.switch is not None else None
+        return self._run(batch, seqs, lens, owners, ids.to(pos.device), pos, 0)
+
+    def _pool_changes(self) -> dict[str, list[int]]:
+        """What the pool asked for since the last forward, as upload arrays: blocks new to it
+        (zeroed before use) and shared blocks to copy before a sibling writes into them."""
+        pool = self.pool
         fresh, pool.fresh = pool.fresh, []
         copies, pool.copies = pool.copies, []
-        arrays = [positions, slots, flat, fresh, [a for a, _ in copies], [b for _, b in copies]]
-        pos, smap, tab, dev_fresh, copy_from, copy_to = self._upload(arrays)
-        if fresh:
-            self._zero(dev_fresh)
-        for k, v in self.kv if copies else ():
-            k.index_copy_(0, copy_to, k.index_select(0, copy_from))
-            v.index_copy_(0, copy_to, v.index_select(0, copy_from))
-        b = len(seqs)
-        batch = StepBatch(
-            block_size=bs, slot_mapping=smap, decode_index=pos[:0],
-            decode_tables=tab.view(b, width), decode_positions=pos, chunks=[], group=None,
-            num_tokens=b, all_decode=True, windows=self.windows, pools=self.kv,
-        )  # fmt: skip
+        return {"fresh": fresh, "copy_from": [a for a, _ in copies],
+                "copy_to": [b for _, b in copies]}  # fmt: skip
+
+    def _apply_pool_changes(self, dev: dict[str, torch.Tensor]) -> None:
+        if len(dev["fresh"]):
+            self._zero(dev["fresh"])
+        if len(dev["copy_to"]):
+            for k, v in self.kv:
+                k.index_copy_(0, dev["copy_to"], k.index_select(0, dev["copy_from"]))
+                v.index_copy_(0, dev["copy_to"], v.index_select(0, dev["copy_from"]))
+
+    def _varlen_arrays(self, seqs: list[KVSeq], lens: list[int]) -> dict[str, list[int]]:
+        """A varlen kernel's inputs (cumulative query lengths, KV lengths, tables), if used."""
+        if not self.use_varlen:
+            return {}
+        return {"cu_q": [0, *itertools.accumulate(lens)], "kv_lens": [len(s.tokens) for s in seqs],
+                "tables_all": _padded([s.blocks for s in seqs])}  # fmt: skip
+
+    def _set_varlen(self, batch: StepBatch, dev: dict, seqs: list[KVSeq], lens: list[int]) -> None:
         if self.use_varlen:
-            seq_lens = [p + 1 for p in positions]
-            cu_q, kv_lens = self._upload([list(range(b + 1)), seq_lens])
-            batch.cu_q, batch.seq_lens, batch.tables = (
-                cu_q.int(),
-                kv_lens.int(),
-                batch.decode_tables.int(),
-            )
-            batch.max_q, batch.max_k = 1, max(seq_lens)
-        owners = [self.seqs[h].owner for h in handles] if self.switch is not None else None
+            batch.cu_q, batch.seq_lens = dev["cu_q"].int(), dev["kv_lens"].int()
+            batch.tables = dev["tables_all"].view(len(seqs), -1).int()
+            batch.max_q, batch.max_k = max(lens), max(len(s.tokens) for s in seqs)
+
+    def _run(self, batch, seqs, lens, owners, ids, positions, keep) -> torch.Tensor:
+        """The model over the step's one row, attending through `batch`; on failure every
+        sequence holds what it held before. Then newly full blocks are keyed for the prefix
+        cache and blocks behind a sliding window let go."""
+        pool = self.pool
         try:
             with self._paged(), attention.activated(batch):
-                out = self._call(
-                    owners, input_ids=ids.to(pos.device).unsqueeze(0),
-                    position_ids=pos.unsqueeze(0), logits_to_keep=0,
-                ).logits[0]  # fmt: skip
+                out = self._call(owners, input_ids=ids.unsqueeze(0),
+                                 position_ids=positions.unsqueeze(0),
+                                 logits_to_keep=keep).logits[0]  # fmt: skip
         except BaseException:
-            for seq in seqs:
-                pool.truncate(seq, len(seq.tokens) - 1)
+            for seq, n in zip(seqs, lens):
+                pool.truncate(seq, len(seq.tokens) - n)
             raise
-        if tokens:
-            for seq in seqs:
-                if len(seq.tokens) % bs == 0:
-                    pool.commit(seq)
+        bs = pool.block_size
+        for seq in seqs:
+            if len(seq.keys) < len(seq.tokens) // bs:  # a block filled up
+                pool.commit(seq)
         if self.slide is not None:
             for seq in seqs:
                 pool.drop_before(seq, len(seq.tokens) - self.slide)
@@ -595,6 +578,13 @@ class ModelRunner:
             )
 
 
+def _padded(tables: list[list[int]], width: int | None = None) -> list[int]:
+    """Block tables flattened into one list, each padded with the null block to `width` (the
+    longest by default)."""
+    width = max((len(b) for b in tables), default=0) if width is None else width
+    return [x for b in tables for x in b + [NULL_BLOCK] * (width - len(b))]
+
+
 def _pad_rows(out: torch.Tensor, lens: list[int]) -> torch.Tensor:
     """Flat per-token rows [sum(lens), V] -> [b, max(lens), V], zero padded."""
     t = max(lens)
@@ -606,6 +596,20 @@ def _pad_rows(out: torch.Tensor, lens: list[int]) -> torch.Tensor:
 
 def _split(out: torch.Tensor, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
     return dict(zip(sizes, out.split(list(sizes.values()))))
+
+
+def reserve_all(runners: dict[str, ModelRunner], want: dict[str, tuple[int, int]]) -> bool:
+    """Blocks for {model: (handle, tokens to hold)} in every pool, or none at all (members of
+    one runner draw on the same pool, so their needs add up)."""
+    need: dict[int, int] = {}
+    for m, (handle, upto) in want.items():
+        runner = runners[m]
+        need[id(runner)] = need.get(id(runner), 0) + runner.needed(handle, upto)
+    if any(need.get(id(runners[m]), 0) > runners[m].pool.num_free for m in want):
+        return False
+    for m, (handle, upto) in want.items():
+        runners[m].reserve(handle, upto)
+    return True
 
 
 def weight_groups(family: Family) -> list[list[str]]:

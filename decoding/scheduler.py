@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .config import EngineConfig
-from .runner import ModelRunner
+from .runner import ModelRunner, reserve_all
 from .sequence import Prefill, RequestState, Sequence
 
 MIN_PREFILL_CHUNK = 16  # prompt tokens a step may always prefill
@@ -153,18 +153,7 @@ class Scheduler:
         return max(states.values(), key=lambda s: s.order)
 
     def _reserve(self, want: dict[str, tuple[int, int]]) -> bool:
-        """Blocks for {model: (handle, tokens to hold)} in every pool, or none at all."""
-        need: dict[int, int] = {}
-        for m, (handle, upto) in want.items():
-            runner = self.runners[m]
-            need[id(runner)] = need.get(id(runner), 0) + runner.needed(handle, upto)
-        for m in want:
-            runner = self.runners[m]
-            if need.get(id(runner), 0) > runner.pool.num_free:
-                return False
-        for m, (handle, upto) in want.items():
-            self.runners[m].reserve(handle, upto)
-        return True
+        return reserve_all(self.runners, want)
 
     def _chunks(self, state: RequestState, size: int, plan: StepPlan) -> int:
         """Plan chunks of `state`'s prefill targets within `size` tokens and the free blocks;

@@ -38,7 +38,7 @@ import torch
 
 from .composition import combine, log_probs
 from .request import SamplingParams, TokenLogprob
-from .runner import ModelRunner, unique_runners
+from .runner import ModelRunner, reserve_all, unique_runners
 from .sampler import Sampler
 from .sequence import Sequence
 
@@ -277,15 +277,7 @@ class SpeculativeDecoder:
         if not own:
             history = len(seq.request.req.prompt_ids[drafter]) + len(seq.output)
             want[drafter] = (slot, history + k - 1)
-        need: dict[int, int] = {}
-        for m, (h, upto) in want.items():
-            runner = self.runners[m]
-            need[id(runner)] = need.get(id(runner), 0) + runner.needed(h, upto)
-        if any(need.get(id(self.runners[m]), 0) > self.runners[m].pool.num_free for m in want):
-            return False
-        for m, (h, upto) in want.items():
-            self.runners[m].reserve(h, upto)
-        return True
+        return reserve_all(self.runners, want)
 
     def _verify(self, blk: _Block, stats) -> list[Source]:
         """2. Every other model of each row's composition forwards [t0, x_1 .. x_k] in one pass

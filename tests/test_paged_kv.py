@@ -9,32 +9,13 @@ import asyncio
 import pytest
 import torch
 
-from decoding.composition import make_composition
+# The tests folder is on sys.path (pytest's rootdir insertion), not a package.
+from test_engine import PROMPTS, collect, request
+
 from decoding.engine import Engine, EngineConfig
-from decoding.request import GenerationRequest, RequestValidationError, SamplingParams
+from decoding.request import RequestValidationError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-PROMPTS = ["the river city", "a king of salt and copper was founded", "café 東京 😀", "north"]
-
-
-def request(family, rid, text, knobs=None, model=None, **params):
-    ids = family.tokenizer.encode(text)
-    comp = make_composition(family, model, knobs)
-    params.setdefault("temperature", 0.0)
-    return GenerationRequest(rid, {m: ids for m in family.models}, comp, SamplingParams(**params))
-
-
-async def collect(engine, req):
-    """All events of a request, merged per sibling: tokens, text, finish."""
-    out = {}
-    async for ev in engine.submit(req):
-        s = out.setdefault(ev.index, {"tokens": [], "text": "", "finish": None})
-        s["tokens"] += ev.token_ids
-        s["text"] += ev.text
-        if ev.finish_reason:
-            s["finish"], s["error"] = ev.finish_reason, ev.error
-    return out
 
 
 def per_token_bytes(family) -> int:
