@@ -29,4 +29,5 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     block_size: int = 16  # tokens per KV block
     prefix_caching: bool = True  # share the KV of full blocks with an equal prefix
-    cuda_graphs: str = "auto"  # "auto" | "off"; captured decode needs CUDA (see runner.py)
+    # "on" | "off" | "auto" (off until the capture is verified on a GPU); see decoding/graphs.py
+    cuda_graphs: str = "auto"

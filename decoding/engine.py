@@ -113,6 +113,8 @@ class Engine:
                 runner.self_check()
             except UnsupportedModelError as exc:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
+        if self.config.cuda_graphs == "on":
+            self._enable_graphs()
         self.scheduler = Scheduler(self.config, self.runners)
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
@@ -130,6 +132,18 @@ class Engine:
         self._member_rows: list[Sequence] | None = None
         self._members: dict[str, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
         self._runner_index: dict[int, torch.Tensor] = {}  # runner -> its decode rows, in order
+
+    def _enable_graphs(self) -> None:
+        """Decode from CUDA graphs where each runner's check allows (one log line each)."""
+        capture = self.device.type == "cuda"
+        for runner, names in self.groups:
+            why = runner.enable_graphs(
+                self.config.max_batch_size, self.family.context_limit, capture
+            )
+            how = "captured" if capture else "static buffers, no capture off CUDA"
+            log.info("decode graphs for %s: %s", "/".join(names),
+                     f"off ({why})" if why else f"on ({how}; batch buckets "
+                     f"{','.join(map(str, runner.graphs.buckets))})")  # fmt: skip
 
     # ----------------------------------------------------------------- caller side (asyncio)
 

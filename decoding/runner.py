@@ -13,9 +13,9 @@ the step's `StepBatch` (slot mapping, block tables), built on the host and copie
 in one transfer. The members of a runner (a model and the LoRA adapters over it, or one
 checkpoint listed twice) share the pool and the forward, each token through its own adapter.
 
-Where a CUDA graph would be captured: `forward` of decode-only steps, per batch-size bucket,
-over persistent `StepBatch` tensors of fixed shape (tables padded to the pool's longest
-table); see docs/architecture.md. Not built: it needs a CUDA machine to be checked.
+Plain decode steps can replay CUDA graphs instead (`enable_graphs`, `decoding/graphs.py`): one
+per batch-size bucket over persistent buffers, used only once a replay has matched the eager
+forward.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from . import attention
 from .attention import ATTENTION, AttentionSwitch, Chunk, Group, StepBatch, Uploader
 from .blocks import NULL_BLOCK, BlockPool, KVSeq
+from .graphs import DecodeGraphs
 from .loading import AdapterSwitch, LoadedModel
 
 if TYPE_CHECKING:
@@ -142,6 +143,7 @@ class ModelRunner:
         self.slide = min(self.windows) if self.windows and None not in self.windows else None  # type: ignore[type-var]
         self.use_varlen = False
         self.uploader = Uploader(self.device)
+        self.graphs: DecodeGraphs | None = None  # see `enable_graphs`
 
     # ------------------------------------------------------------------ the pool
 
@@ -423,6 +425,15 @@ class ModelRunner:
             seq.tokens.append(tokens[i] if tokens else -1)  # -1: see `rewrite`
         width = max(len(b) for b in tables)
         lens = [1] * len(seqs)
+        graphs = self.graphs
+        if graphs is not None and (self.switch is None and graphs.bucket(len(seqs))
+                                   and width <= graphs.width):  # fmt: skip
+            named = {"pos": positions, "smap": slots, "tables": _padded(tables, width),
+                     "kv_lens": [len(s.tokens) for s in seqs], **self._pool_changes()}  # fmt: skip
+            dev = dict(zip(named, self._upload(list(named.values()))))
+            self._apply_pool_changes(dev)
+            ids = ids.to(dev["pos"].device)
+            return self._guarded(seqs, lens, lambda: graphs.run(ids, dev, len(seqs), width))
         named = {"pos": positions, "smap": slots, "tables": _padded(tables, width),
                  **self._pool_changes(), **self._varlen_arrays(seqs, lens)}  # fmt: skip
         dev = dict(zip(named, self._upload(list(named.values()))))
@@ -468,15 +479,22 @@ class ModelRunner:
             batch.max_q, batch.max_k = max(lens), max(len(s.tokens) for s in seqs)
 
     def _run(self, batch, seqs, lens, owners, ids, positions, keep) -> torch.Tensor:
-        """The model over the step's one row, attending through `batch`; on failure every
-        sequence holds what it held before. Then newly full blocks are keyed for the prefix
-        cache and blocks behind a sliding window let go."""
+        """The model over the step's one row, attending through `batch` (see `_guarded`)."""
+
+        def call() -> torch.Tensor:
+            with self._paged(), attention.activated(batch):
+                return self._call(owners, input_ids=ids.unsqueeze(0),
+                                  position_ids=positions.unsqueeze(0),
+                                  logits_to_keep=keep).logits[0]  # fmt: skip
+
+        return self._guarded(seqs, lens, call)
+
+    def _guarded(self, seqs: list[KVSeq], lens: list[int], call) -> torch.Tensor:
+        """`call()` (a forward that appended `lens` tokens to `seqs`), rolled back on failure;
+        then full blocks keyed and blocks behind a sliding window let go."""
         pool = self.pool
         try:
-            with self._paged(), attention.activated(batch):
-                out = self._call(owners, input_ids=ids.unsqueeze(0),
-                                 position_ids=positions.unsqueeze(0),
-                                 logits_to_keep=keep).logits[0]  # fmt: skip
+            out = call()
         except BaseException:
             for seq, n in zip(seqs, lens):
                 pool.truncate(seq, len(seq.tokens) - n)
@@ -576,6 +594,54 @@ class ModelRunner:
                 f"{name}: its forward over eft-serve's paged KV differs from its own full "
                 f"forward (log-prob difference {worst:.3g}); this architecture is not supported"
             )
+
+    @torch.inference_mode()
+    def enable_graphs(self, max_batch: int, max_len: int, capture: bool) -> str | None:
+        """Replay plain decode steps of up to `max_batch` rows from `DecodeGraphs` (captured
+        when `capture`, else the same buffers run eagerly), once they match the eager decode
+        on a check; returns why not, or None when enabled. Runners with adapters keep eager
+        decode (their per-token adapter switch is not part of a graph)."""
+        if self.switch is not None:
+            return "adapters switch per token"
+        width = min(-(-max_len // self.pool.block_size), self.pool.num_blocks - 1)
+        try:
+            graphs = DecodeGraphs(self, max_batch, width, capture)
+            worst = self._graphs_vs_eager(graphs)
+        except Exception as exc:  # noqa: BLE001 - any failure keeps the eager decode
+            return f"capture failed: {exc}"
+        tolerance = 1e-3 if self.dtype == torch.float32 else 0.25
+        if not worst <= tolerance:
+            return f"replay differs from the eager decode (log-prob difference {worst:.3g})"
+        self.graphs = graphs
+        return None
+
+    def _graphs_vs_eager(self, graphs: DecodeGraphs) -> float:
+        """The largest log-prob difference between eager and replayed decode steps of the
+        same rows over the same KV: three sequences (one of them crossing a block boundary),
+        decoded as batches of 3 (a padded bucket) and 1."""
+        vocab = self.module.get_input_embeddings().weight.shape[0]
+        gen = torch.Generator().manual_seed(1)
+        bs = self.pool.block_size
+        lengths = [3, bs, bs + 5]
+        slots = [self.allocate() for _ in lengths]
+        worst = 0.0
+        try:
+            for s, k in zip(slots, lengths):
+                self.prefill([s], [torch.randint(0, vocab, (k,), generator=gen).tolist()])
+            for rows in (slots, slots[2:]):
+                tokens = torch.randint(0, vocab, (len(rows),), generator=gen).to(self.device)
+                self.graphs = None
+                eager = torch.log_softmax(self.decode(rows, tokens).float(), -1)
+                for s in rows:
+                    self.truncate(s, len(self.seqs[s].tokens) - 1)
+                self.graphs = graphs
+                replay = torch.log_softmax(self.decode(rows, tokens).float(), -1)
+                worst = max(worst, (replay - eager).abs().max().item())
+        finally:
+            self.graphs = None
+            for s in slots:
+                self.free(s)
+        return worst
 
 
 def _padded(tables: list[list[int]], width: int | None = None) -> list[int]:

@@ -15,7 +15,10 @@ KV pool, exactly as the engine builds them. The script then:
 4. counts the host-device synchronisations of one decode step (`set_sync_debug_mode`);
 5. puts batch-1 decode against the device's memory bandwidth: a decode step has to read every
    weight once and the KV it attends to, so bytes / step time / bandwidth is how close to the
-   hardware limit the step runs.
+   hardware limit the step runs;
+6. captures each runner's decode steps in CUDA graphs (`ModelRunner.enable_graphs`, checked
+   against eager decode), generates the same greedy tokens from the replays
+   (`graphs_equal_eager`) and times the steps again (`eft_graphs_over_eager`: > 1 is faster).
 
 It prints one JSON object (and writes it to `--json`), and stays under 8 minutes on one H100:
 batch sizes left when the time budget runs out are reported as null with a note.
@@ -341,11 +344,21 @@ def bandwidth_report(
     }
 
 
-def graphs_vs_eager(eager_tokens: list[list[int]]) -> bool | None:
-    """Where the CUDA-graph check goes: once the engine captures decode steps in graphs,
-    generate the same greedy EFT tokens with the graphs replayed and return whether they equal
-    `eager_tokens`. The engine builds no graphs yet, so there is nothing to compare."""
-    return None
+def greedy_eft(fam: Family, prompts: list[list[int]], group: int, n: int) -> list[list[int]]:
+    """`n` greedy EFT tokens of each prompt, decoded as one batch."""
+    handles, tok = fam.open(prompts, group)
+    out = [tok]
+    for _ in range(n - 1):
+        tok = fam.eft_step(handles, tok)
+        out.append(tok)
+    fam.close(handles)
+    return torch.stack(out, 1).tolist()  # one host read for the whole generation
+
+
+def enable_graphs(fam: Family, max_batch: int, max_len: int, capture: bool) -> dict:
+    """Each runner's decode graphs (`ModelRunner.enable_graphs`, which checks a replay against
+    its eager decode): {runner: None when on, else why not}."""
+    return {k: r.enable_graphs(max_batch, max_len, capture) for k, r in fam.runners.items()}
 
 
 # ---------------------------------------------------------------------------- the check
@@ -428,14 +441,7 @@ def main(argv: list[str] | None = None) -> dict:
     # 2. Greedy EFT generation, eager, batched (prompts of different lengths share steps).
     lens = [max(2, prompt_len // 4), prompt_len // 2, prompt_len]
     greedy_prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lens]
-    handles, tok = fam.open(greedy_prompts, group)
-    out = [tok]
-    for _ in range(gen_len - 1):
-        tok = fam.eft_step(handles, tok)
-        out.append(tok)
-    fam.close(handles)
-    greedy = torch.stack(out, 1).tolist()  # one host read for the whole generation
-    graphs_equal = graphs_vs_eager(greedy)
+    greedy = greedy_eft(fam, greedy_prompts, group, gen_len)
     # Paged, batched decode against each model's own full forward: equal in float32; in
     # bfloat16 a near-tie between random-weight logits may flip one token, and every token
     # after it differs, so this reports how far each prompt agrees rather than failing.
@@ -468,8 +474,26 @@ def main(argv: list[str] | None = None) -> dict:
         if b == 1 and cuda:
             rate, source = assumed_bandwidth(device)
             bandwidth = bandwidth_report(rate, source, fam, base_tokens, eft_tokens, ms)
+    # 7. The same decode replayed from CUDA graphs (without CUDA: the same buffers, eagerly).
+    graphs = enable_graphs(fam, max(batches), pool_ctx, capture=cuda)
+    graphs_on = all(why is None for why in graphs.values())
+    graphs_equal = greedy_eft(fam, greedy_prompts, group, gen_len) == greedy if graphs_on else None
+    step_ms_graphs: dict[str, dict[str, float] | None] = {}
+    syncs_graphs = None
+    for b in batches if graphs_on else ():
+        if time.perf_counter() - t_start > TIME_BUDGET_S:
+            notes.append(f"graphs at batch {b} skipped: past the {TIME_BUDGET_S:.0f} s budget")
+            step_ms_graphs[str(b)] = None
+            continue
+        ms, _, syncs_b = measure_batch(
+            fam, prompts(b, prompt_len), group, steps, warmup, device,
+            sync_steps=sync_steps if b == 1 and cuda else 0,
+        )  # fmt: skip
+        step_ms_graphs[str(b)] = {k: round(v, 3) for k, v in ms.items()}
+        if b == 1:
+            syncs_graphs = syncs_b[0]
     if not cuda:
-        notes.append("no CUDA: syncs_per_step and bandwidth not measured")
+        notes.append("no CUDA: syncs_per_step and bandwidth not measured; graphs not captured")
 
     result = {
         "device": torch.cuda.get_device_name(device) if cuda else "cpu",
@@ -481,8 +505,16 @@ def main(argv: list[str] | None = None) -> dict:
         "note": "; ".join(notes) or None,
         "params": {k: m.num_params for k, m in models.items()},
         "attention_backend": backend,
-        "cuda_graphs": "not built",
+        # Per runner: None where decode graphs are on, else why not (see enable_graphs).
+        "cuda_graphs": graphs if cuda else "not captured (no CUDA): buffers replayed eagerly",
         "graphs_equal_eager": graphs_equal,
+        "step_ms_by_batch_graphs": step_ms_graphs,
+        "eft_graphs_over_eager": {
+            b: round(step_ms[b]["eft_total"] / g["eft_total"], 4)
+            for b, g in step_ms_graphs.items()
+            if g and step_ms.get(b)
+        },
+        "syncs_per_step_graphs": sum(syncs_graphs) / len(syncs_graphs) if syncs_graphs else None,
         "greedy_tokens": greedy,
         # Per prompt: how many leading greedy tokens equal the models' own full forward's.
         "greedy_full_forward_agree": agree,

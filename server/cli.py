@@ -230,9 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cuda-graphs",
         default="auto",
-        choices=("auto", "off"),
-        help="capture the decode step in CUDA graphs where the device allows "
-        "(auto), or never (off)",
+        choices=("auto", "on", "off"),
+        help="replay plain decode steps from CUDA graphs: on (checked against eager decode at "
+        "start, eager where they differ), off, or auto (off until verified on a GPU)",
     )
     p.add_argument(
         "--threads",

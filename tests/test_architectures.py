@@ -121,13 +121,18 @@ async def completion(client, family, prompt: str, knobs: dict, max_tokens: int) 
     return r.json()["choices"][0]
 
 
-@pytest.mark.parametrize("speculative", ["off", "3"], ids=["plain", "speculative"])
+@pytest.mark.parametrize(
+    "speculative,graphs", [("off", "off"), ("3", "off"), ("off", "on")],
+    ids=["plain", "speculative", "graph-buffers"],
+)  # fmt: skip
 @pytest.mark.parametrize("model_type", list(ARCHITECTURES))
 async def test_served_greedy_eft_equals_full_sequence_computation(
-    model_type, speculative, tokenizer, tmp_path, serve_app
+    model_type, speculative, graphs, tokenizer, tmp_path, serve_app
 ):
-    """Plain decoding, and speculation forced on (blocks of up to 3 verified by multi-token
-    forwards that cross the sliding window), against full-sequence forwards."""
+    """Plain decoding, speculation forced on (blocks of up to 3 verified by multi-token
+    forwards that cross the sliding window), and decode through the CUDA-graph buffers (run
+    without capture on this CPU: padded buckets, tables as wide as the context), against
+    full-sequence forwards."""
     family = load_family(build_family(tmp_path, model_type, tokenizer))
     windows = attention_windows(family.models["large-base"].module)
     if "sliding_window" in ARCHITECTURES[model_type]:
@@ -137,8 +142,12 @@ async def test_served_greedy_eft_equals_full_sequence_computation(
         ("north", {"helpful": 0.5}, 16),
         ("a queen of wool and grain from the south", {"helpful": 2.0}, 10),
     ]
-    cfg = EngineConfig(max_batch_size=4, max_num_batched_tokens=6, speculative=speculative)
+    cfg = EngineConfig(
+        max_batch_size=4, max_num_batched_tokens=6, speculative=speculative, cuda_graphs=graphs
+    )
     async with serve_app(family, cfg, ServerSettings()) as s:
+        on = [r.graphs is not None for r, _ in s.engine.groups]
+        assert all(on) if graphs == "on" else not any(on)
         first = [asyncio.create_task(completion(s.client, family, *p)) for p in prompts[:2]]
         while s.engine.scheduler.running == []:  # join the third while the others decode
             await asyncio.sleep(0.005)

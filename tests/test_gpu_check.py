@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {
     "device", "torch", "transformers", "dtype", "base_layers", "note", "attention_backend",
     "cuda_graphs", "graphs_equal_eager", "greedy_tokens", "step_ms", "tokens_per_s",
-    "eft_over_base", "syncs_per_step", "bandwidth", "elapsed_s",
+    "eft_over_base", "syncs_per_step", "bandwidth", "elapsed_s", "step_ms_by_batch_graphs",
+    "eft_graphs_over_eager", "syncs_per_step_graphs",
 }  # fmt: skip
 
 
@@ -33,7 +34,9 @@ def test_smoke_run_reports_every_key(tmp_path) -> None:
     assert KEYS <= set(result)
     assert result["smoke"] is True and result["base_layers"] == 2
     assert result["attention_backend"] in ("varlen", "exact")
-    assert result["cuda_graphs"] == "not built" and result["graphs_equal_eager"] is None
+    # The decode-graph buffers (replayed eagerly without CUDA) give the eager greedy tokens.
+    assert result["graphs_equal_eager"] is True
+    assert set(result["step_ms_by_batch_graphs"]) == {"1", "4"}
     # Three prompts, each with its greedy EFT tokens, equal (float32) to what each model's
     # own full forward gives: the paged runners and the EFT sum are wired right.
     greedy = result["greedy_tokens"]
@@ -50,7 +53,7 @@ def test_smoke_run_reports_every_key(tmp_path) -> None:
     if result["device"] == "cpu":  # the CUDA-only parts are null, and the note says why
         assert result["syncs_per_step"] is None
         assert result["bandwidth"]["eft_fraction_b1"] is None
-        assert "no CUDA" in result["note"]
+        assert "no CUDA" in result["note"] and "not captured" in result["cuda_graphs"]
 
 
 def test_import_pulls_in_no_server_dependency() -> None:

@@ -93,7 +93,7 @@ def test_flags_reach_engine_config():
         ("--block-size", "0"),
         ("--block-size", "48"),
         ("--block-size", "512"),
-        ("--cuda-graphs", "on"),
+        ("--cuda-graphs", "always"),
     ],
 )
 def test_bad_values_are_argparse_errors_naming_the_flag(flag, value, capsys):

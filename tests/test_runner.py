@@ -153,3 +153,27 @@ def test_block_pool_reference_counts_lru_eviction_and_roll_back():
     assert pool.match(other, [5, 6, 7, 8, 9]) == 0
     pool.drop_before(d, 2)
     assert d.blocks[0] == NULL_BLOCK
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_decode_graph_buffers_match_full_forwards_as_the_batch_shrinks_and_grows(model_type, extra):
+    """Decode through `DecodeGraphs`' persistent buffers (no capture on a CPU): batches of 5,
+    3, 1 and 4 rows use buckets 8, 4, 1 and 4, so padding rows and rows left over from a
+    larger batch sit in the buffers; every row still equals its full forward."""
+    r = runner(model_type)
+    assert r.enable_graphs(max_batch=8, max_len=64, capture=False) is None
+    assert r.graphs.buckets == [1, 2, 4, 8] and r.graphs.width == 16
+    seqs = prompts(5)
+    hs = [r.allocate() for _ in seqs]
+    last = r.forward(hs, seqs)
+    nxt = [int(x.argmax()) for x in last]  # each sequence's next token
+    assert r.graphs is not None
+    for rows in ([0, 1, 2, 3, 4], [0, 2, 4], [3], [0, 1, 3, 4], [0, 1, 2, 3, 4]):
+        for _ in range(3):
+            for i in rows:
+                seqs[i].append(nxt[i])
+            out = r.decode([hs[i] for i in rows], torch.tensor([nxt[i] for i in rows]))
+            for j, i in enumerate(rows):
+                torch.testing.assert_close(out[j], full(r, seqs[i]), atol=1e-4, rtol=0)
+                nxt[i] = int(out[j].argmax())
+    assert max(len(s) for s in seqs) > 6 + 4  # past the window, across blocks
