@@ -140,7 +140,7 @@ class Engine:
             why = runner.enable_graphs(
                 self.config.max_batch_size, self.family.context_limit, capture
             )
-            how = "captured" if capture else "static buffers, no capture off CUDA"
+            how = "captured" if capture else "no capture off CUDA: the buffers run eagerly"
             log.info("decode graphs for %s: %s", "/".join(names),
                      f"off ({why})" if why else f"on ({how}; batch buckets "
                      f"{','.join(map(str, runner.graphs.buckets))})")  # fmt: skip

@@ -603,6 +603,9 @@ class ModelRunner:
         decode (their per-token adapter switch is not part of a graph)."""
         if self.switch is not None:
             return "adapters switch per token"
+        if capture and not self.use_varlen:
+            # The exact path would gather every row's blocks up to the context's width.
+            return "needs the varlen paged kernel (the exact path reads the whole width)"
         width = min(-(-max_len // self.pool.block_size), self.pool.num_blocks - 1)
         try:
             graphs = DecodeGraphs(self, max_batch, width, capture)
