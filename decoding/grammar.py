@@ -25,8 +25,18 @@ from .request import RequestValidationError
 CACHE_SIZE = 128  # compiled grammars kept, by text (least recently used goes first)
 
 
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else "invalid grammar"
+def _summary(message: str, limit: int = 400) -> str:
+    """llguidance's error on one line: its lines up to the state dump it may append, without
+    the caret lines that point into the source (they only make sense as a block)."""
+    kept = []
+    for line in message.splitlines():
+        line = line.strip()
+        if line.startswith("<state>"):
+            break
+        if line and set(line) != {"^"}:
+            kept.append(line)
+    text = " ".join(kept) or "invalid grammar"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Grammars:
@@ -76,7 +86,7 @@ class Grammars:
         matcher = LLMatcher(tok, grammar, log_level=0)  # drops the GIL while it compiles
         if matcher.is_error():
             raise RequestValidationError(
-                f"{param}: invalid format: {_first_line(matcher.get_error())}", param=param
+                f"{param}: invalid format: {_summary(matcher.get_error())}", param=param
             )
         with self._lock:
             self._cache[grammar] = matcher
@@ -150,7 +160,7 @@ class GrammarMask:
 
 def no_continuation(matcher: Any) -> str:
     """The error of a row whose grammar admits none of the tokens it could sample."""
-    why = _first_line(matcher.get_error()) if matcher.is_error() else "no token fits"
+    why = _summary(matcher.get_error()) if matcher.is_error() else "no token fits"
     return f"the requested format admits no continuation of this output ({why})"
 
 

@@ -26,6 +26,7 @@ that still ends empty falls back to its scores before the filters.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -409,7 +410,7 @@ class Sampler:
             out.append(
                 None
                 if n is None
-                else TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+                else TokenLogprob(token_list[i], chosen[i], top_pairs(top_i[i][:n], top_v[i][:n]))
             )
         return out
 
@@ -431,6 +432,12 @@ class Sampler:
         for i, (lps, best) in per_row.items():
             out[i] = TokenTrace(token_list[i], chosen[i], lps, best)
         return out
+
+
+def top_pairs(ids: list[int], values: list[float]) -> list[tuple[int, float]]:
+    """(token, log-prob) alternatives, without the tokens a grammar ruled out (-inf): a
+    constrained row with fewer than k allowed tokens reports just those."""
+    return [(i, v) for i, v in zip(ids, values) if v != -math.inf]
 
 
 def prompt_logprobs(

@@ -40,7 +40,7 @@ from .composition import combine, log_probs
 from .grammar import BlockMasks
 from .request import SamplingParams, TokenLogprob
 from .runner import ModelRunner, reserve_all, unique_runners
-from .sampler import Sampler
+from .sampler import Sampler, top_pairs
 from .sequence import Sequence
 
 MAX_BLOCK = 8
@@ -389,7 +389,11 @@ class SpeculativeDecoder:
                 at_k = torch.tensor([ks[i] for i in bonus], device=dev)
                 masked = blk.disallowed[at_k, b_index]
             logits_b, finite_b = sampler.target_logits(
-                [rows[i] for i in bonus], parts, composed, [ks[i] for i in bonus], bp,
+                [rows[i] for i in bonus],
+                parts,
+                composed,
+                [ks[i] for i in bonus],
+                bp,
                 disallowed=masked,
             )
             if masked is not None:
@@ -486,7 +490,7 @@ class SpeculativeDecoder:
                     val, (tv, ti) = block_v[v], (block_top[0][v], block_top[1][v])
                 else:
                     val, (tv, ti) = final_v[i], (final_top[0][i], final_top[1][i])
-                row.append(TokenLogprob(tok, val, list(zip(ti[:n], tv[:n]))))
+                row.append(TokenLogprob(tok, val, top_pairs(ti[:n], tv[:n])))
             out.append(row)
         return out
 
