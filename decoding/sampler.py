@@ -88,12 +88,9 @@ class BatchParams:
         self.device = device
         # Rows with a format: the one per-step cost of structured outputs, and none at all
         # for a batch without any.
-        matchers = [s.matcher for s in rows]
-        self.grammar = (
-            GrammarMask(grammars, matchers, device)
-            if grammars is not None and any(m is not None for m in matchers)
-            else None
-        )
+        self.grammar: GrammarMask | None = None
+        if grammars is not None and any(s.matcher is not None for s in rows):
+            self.grammar = GrammarMask(grammars, [s.matcher for s in rows], device)
 
 
 class Penalties:
