@@ -394,3 +394,13 @@ def test_bad_formats_are_400_naming_the_field(server, extra, param, needle):
         if needle:
             assert needle in err["message"], err
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+def test_structured_bench_measures_both_sides_with_the_same_tokens():
+    from decoding.family import load_family
+    from loadtest.structured_bench import measure
+
+    res = measure(load_family(str(FAMILY)), batch=4, max_tokens=6, rounds=1)
+    assert res["tokens"] == {"plain": [4 * 6], "json_schema": [4 * 6]}
+    assert res["plain_tok_s"][0] > 0 and res["json_schema_tok_s"][0] > 0
+    assert res["structured_overhead"] == res["json_schema_tok_s"][0] / res["plain_tok_s"][0]
