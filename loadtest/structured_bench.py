@@ -53,9 +53,9 @@ SCHEMA = {
 
 
 def _grammar() -> str:
-    from server.formats import JSON_OPTIONS
-
     from llguidance import LLMatcher
+
+    from server.formats import JSON_OPTIONS
 
     return LLMatcher.grammar_from_json_schema(SCHEMA, defaults=JSON_OPTIONS)
 
