@@ -113,6 +113,10 @@ class StructuredOutputs(OpenAIBaseModel):
         return self
 
 
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "grammar"}
+
+
 class _SamplingFields(OpenAIBaseModel):
     """Fields common to completions and chat (OpenAI + vLLM extras + `eft`)."""
 
@@ -173,6 +177,21 @@ class _SamplingFields(OpenAIBaseModel):
             raise ValueError(
                 "stream_options: Stream options can only be defined when `stream=True`.")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guided(cls, data: Any) -> Any:
+        # vLLM's older spelling (`guided_json`, `guided_regex`, `guided_choice`,
+        # `guided_grammar`) means `structured_outputs`; ignoring it would drop the constraint.
+        if not isinstance(data, dict):
+            return data
+        old = {k: data[k] for k in GUIDED if data.get(k) is not None}
+        if not old:
+            return data
+        if data.get("structured_outputs") is not None:
+            raise ValueError("structured_outputs: send it or the guided_* fields, not both")
+        rest = {k: v for k, v in data.items() if k not in GUIDED}
+        return {**rest, "structured_outputs": {GUIDED[k]: v for k, v in old.items()}}
 
     @model_validator(mode="after")
     def _one_format(self) -> _SamplingFields:

@@ -359,6 +359,15 @@ def test_gbnf_grammar_is_followed(client):
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_vllm_guided_fields_are_structured_outputs(server):
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "demo", "prompt": "Where?", "max_tokens": 10, "guided_choice": ["up", "down"]})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] in ("up", "down")
+    r = httpx.post(f"{server.url}/v1/completions", timeout=60, json={
+        "model": "demo", "prompt": "x", "guided_regex": "a", "structured_outputs": {"regex": "b"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs"
+
+
 def test_a_grammar_that_admits_only_eos_ends_with_stop(client):
     r = client.completions.create(model="demo", prompt="Nothing:", max_tokens=5,
                                   extra_body={"structured_outputs": {"regex": ""}})
