@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.structured_bench",
                                 description=__doc__.split("\n")[0])  # fmt: skip
     p.add_argument("--config", default=str(DEMO), help="family YAML (default: the demo family)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of each side (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

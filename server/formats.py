@@ -72,6 +72,6 @@ def _json_schema(schema: Any, where: str) -> str:
         raise bad_request(f"{where}: a JSON Schema must be an object", param=where.split(".")[0])
     try:
         return LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever the converter raises, the schema is bad
         raise bad_request(f"{where}: {exc}", param=where.split(".")[0]) from exc
 
