@@ -8,6 +8,7 @@ official `openai` SDK as a user would.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from decoding.composition import make_composition
 from decoding.detokenizer import IncrementalDetokenizer
+from decoding.engine import Engine, EngineConfig
+from decoding.family import load_family
 from decoding.grammar import BlockMasks, GrammarMask, Grammars, unpack
 from decoding.request import Composition, GenerationRequest, RequestValidationError, SamplingParams
 from decoding.sequence import RequestState, Sequence
@@ -406,10 +410,54 @@ def test_bad_formats_are_400_naming_the_field(server, extra, param, needle):
 
 
 def test_structured_bench_measures_both_sides_with_the_same_tokens():
-    from decoding.family import load_family
     from loadtest.structured_bench import measure
 
     res = measure(load_family(str(FAMILY)), batch=4, max_tokens=6, rounds=1)
     assert res["tokens"] == {"plain": [4 * 6], "json_schema": [4 * 6]}
     assert res["plain_tok_s"][0] > 0 and res["json_schema_tok_s"][0] > 0
     assert res["structured_overhead"] == res["json_schema_tok_s"][0] / res["plain_tok_s"][0]
+
+
+# ------------------------------------------------------------------ in the engine
+
+
+def test_preempted_constrained_rows_resume_their_grammar_where_they_were():
+    """16 constrained greedy requests (n=2 among them) in a KV pool a quarter of their tokens:
+    rows are preempted and recomputed, and every output equals a large pool's (a matcher that
+    lost its place would steer a resumed row elsewhere), each a prefix the grammar admits."""
+    family = load_family(str(FAMILY))
+    grammar = regex(r"([a-z]{1,8} ){4,}")  # does not end within 24 tokens
+    unit = sum(r.block_bytes_per_token for r, _ in Engine(family, EngineConfig(
+        kv_cache_memory=1 << 20)).groups)  # fmt: skip
+    comp = make_composition(family, None, {"helpful": 1.0})
+    reqs, total = [], 0
+    for i in range(16):
+        ids = family.tokenizer.encode("the river city " * (1 + i % 5), add_special_tokens=True)
+        n = 2 if i % 5 == 0 else 1
+        params = SamplingParams(max_tokens=24, temperature=0.0, n=n, grammar=grammar)
+        reqs.append(GenerationRequest(f"p{i}", {m: ids for m in comp.coeffs}, comp, params))
+        total += n * (len(ids) + 24)
+
+    def run(memory: int) -> tuple[list[str], int]:
+        steps = []
+        engine = Engine(family, EngineConfig(kv_cache_memory=memory, speculative="off"),
+                        on_step=steps.append)  # fmt: skip
+
+        async def go():
+            engine.start()
+            texts = {}
+            for req, stream in zip(reqs, engine.submit_all(reqs)):
+                async for out in stream:
+                    assert out.finish_reason != "error", out.error
+                    key = (req.request_id, out.index)
+                    texts[key] = texts.get(key, "") + out.text
+            await engine.shutdown()
+            return [texts[k] for k in sorted(texts)]
+
+        return asyncio.run(go()), sum(s.preemptions for s in steps)
+
+    free, _ = run(8 * total * unit)
+    tight, preempted = run(total * unit // 4)
+    assert preempted > 0
+    assert tight == free
+    assert all(re.fullmatch(r"([a-z]{1,8} )*[a-z]{0,8}", t) for t in tight), tight
