@@ -52,6 +52,7 @@ class Grammars:
         self._lock = threading.Lock()
         self._tokenizer: Any = None  # the llguidance tokenizer, built at the first grammar
         self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._executor: Any = None  # llguidance's thread pool for a batch's masks
         self.words = 0  # int32 words of one row's bitmask (the tokenizer's width, >= vocab)
 
     def _llg_tokenizer(self) -> Any:
@@ -100,7 +101,7 @@ class Grammars:
 
     def executor(self) -> Any:
         with self._lock:
-            if not hasattr(self, "_executor"):
+            if self._executor is None:
                 from llguidance import LLExecutor
 
                 self._executor = LLExecutor()
