@@ -339,6 +339,7 @@ class SpeculativeDecoder:
             offset[i] = offset[i - 1] + ks[i - 1]
         kept = [0] * b
         block_composed = None
+        reports = sampler.params.max_logprobs >= 0  # a row asks for log-probs
         if vrow:
             bp = sampler.expanded(vrow)
             vseqs = [rows[i] for i in vrow]
@@ -350,7 +351,7 @@ class SpeculativeDecoder:
             logits, finite = sampler.target_logits(
                 vseqs, parts, block_composed, vpos, bp, disallowed=masked
             )
-            if masked is not None:  # what the rows report: the distribution they sample
+            if masked is not None and reports:  # what rows report: the distribution sampled
                 block_composed = self._reported(block_composed, masked, vi)
             p = sampler.probs(logits, bp)
             x = torch.tensor([blk.drafts[i][j] for i, j in zip(vrow, vpos)], device=dev)
@@ -396,7 +397,7 @@ class SpeculativeDecoder:
                 bp,
                 disallowed=masked,
             )
-            if masked is not None:
+            if masked is not None and reports:
                 composed = self._reported(composed, masked, b_index)
             final_probs.index_copy_(0, b_index, sampler.probs(logits_b, bp))
             final_logits.index_copy_(0, b_index, logits_b)
