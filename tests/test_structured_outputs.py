@@ -353,6 +353,14 @@ def test_logprobs_are_those_of_the_distribution_sampled(client):
     assert len(top) < 5
     assert sum(2.718281828459045 ** v for v in top.values()) == pytest.approx(1.0, abs=1e-3)
     assert all("yes".startswith(t) or "no".startswith(t) for t in top)
+    # The trace reports the same constrained distribution.
+    r = client.completions.create(model="demo", prompt="Pick:", max_tokens=10, logprobs=1,
+                                  extra_body={"structured_outputs": {"choice": ["yes", "no"]},
+                                              "eft": {"trace": True, "helpful": 0.5}})
+    c = r.choices[0]
+    assert c.text in ("yes", "no")
+    trace = [t["logprob"] for t in c.model_extra["trace"]]
+    assert trace == pytest.approx(c.logprobs.token_logprobs, abs=1e-5)
 
 
 def test_gbnf_grammar_is_followed(client):
