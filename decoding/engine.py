@@ -36,6 +36,7 @@ from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .errors import FamilyError
 from .family import Family
+from .grammar import Grammars
 from .memory import size_pools
 from .request import (
     Composition,
@@ -116,8 +117,15 @@ class Engine:
         if self.config.cuda_graphs == "on":
             self._enable_graphs()
         self.scheduler = Scheduler(self.config, self.runners)
+        # Structured outputs: grammars compiled against the family's tokenizer (thread-safe:
+        # the server compiles off its event loop before it submits).
+        self.grammars = Grammars(family.tokenizer, family.vocab_size, family.eos_token_ids)
         self.sampler = Sampler(
-            family.vocab_size, family.device, family.eos_token_ids, self.config.seed
+            family.vocab_size,
+            family.device,
+            family.eos_token_ids,
+            self.config.seed,
+            self.grammars,
         )
         self.spec_policy = SpecPolicy(str(self.config.speculative))
         self.speculator = SpeculativeDecoder(
@@ -265,6 +273,8 @@ class Engine:
                     "messages or completion.",
                     param="max_tokens",
                 )
+        if p.grammar is not None:
+            self.grammars.compile(p.grammar)  # a 400 for a bad one (cached: the server's compile)
         if p.prompt_logprobs is not None and len({tuple(req.prompt_ids[m]) for m in models}) > 1:
             raise RequestValidationError(
                 "prompt log-probs need the same prompt for every model", param="echo"
@@ -648,7 +658,10 @@ class Engine:
                     (p.seed * 1_000_003 + i) % (2**63)
                 )
             detok = IncrementalDetokenizer(self.family.tokenizer, p.stop, p.skip_special_tokens)
-            rows.append(Sequence(state, i, p, detok, gen, slots))
+            seq = Sequence(state, i, p, detok, gen, slots)
+            if p.grammar is not None:
+                seq.matcher = self.grammars.matcher(p.grammar)
+            rows.append(seq)
         target.slots = {}  # now owned by the rows
         return rows
 

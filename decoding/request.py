@@ -71,6 +71,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     trace: bool = False  # per-token log-probs of every model used (TokenTrace)
     speculative: bool = True  # False: this request never decodes speculatively
+    # Structured outputs: an llguidance grammar text (`decoding.grammar`) every token of every
+    # row must fit; None: unconstrained.
+    grammar: str | None = None
 
     @property
     def has_penalties(self) -> bool:

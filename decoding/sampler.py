@@ -8,7 +8,9 @@ membership changes, in `Sampler.prepare`):
    A row that is not finite here (a model emitted NaN/inf) fails alone.
 2. **penalties** (vLLM's set): repetition on the composed scores centred like logits (see
    `apply_penalties`), then frequency and presence on the output counts.
-3. **bans**: while a row has fewer than `min_tokens` tokens, EOS and its stop token ids are
+3. **grammar** (structured outputs): a row with a format loses every token its grammar rules
+   out next (`decoding.grammar`); every later step chooses among what is left.
+   **bans**: while a row has fewer than `min_tokens` tokens, EOS and its stop token ids are
    removed; a ban never removes a row's last allowed token.
 4. **temperature**, then **top-k**, **top-p** and **min-p**; a temperature below
    `GREEDY_BELOW` is greedy (dividing by it would overflow).
@@ -24,12 +26,14 @@ that still ends empty falls back to its scores before the filters.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
 import torch
 
 from .composition import BatchFilters, combine, log_probs
+from .grammar import GrammarMask, Grammars
 from .request import SamplingParams, TokenLogprob, TokenTrace
 from .sequence import Sequence
 
@@ -51,7 +55,13 @@ class StepSample:
 class BatchParams:
     """The per-row sampling tensors of one batch membership."""
 
-    def __init__(self, rows: list[Sequence], vocab: int, device: torch.device):
+    def __init__(
+        self,
+        rows: list[Sequence],
+        vocab: int,
+        device: torch.device,
+        grammars: Grammars | None = None,
+    ):
         params = [s.params for s in rows]
 
         def t(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -76,6 +86,11 @@ class BatchParams:
         self.filters = BatchFilters.build([s.request.req.composition for s in rows], device)
         self.penalties = Penalties.build(rows, vocab, device)
         self.device = device
+        # Rows with a format: the one per-step cost of structured outputs, and none at all
+        # for a batch without any.
+        self.grammar: GrammarMask | None = None
+        if grammars is not None and any(s.matcher is not None for s in rows):
+            self.grammar = GrammarMask(grammars, [s.matcher for s in rows], device)
 
 
 class Penalties:
@@ -177,8 +192,16 @@ def top_k_top_p_min_p(logits: torch.Tensor, bp: BatchParams) -> torch.Tensor:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, device: torch.device, eos_ids: frozenset[int], seed: int):
+    def __init__(
+        self,
+        vocab_size: int,
+        device: torch.device,
+        eos_ids: frozenset[int],
+        seed: int,
+        grammars: Grammars | None = None,
+    ):
         self.vocab = vocab_size
+        self.grammars = grammars
         self.device = device
         self.eos_ids = eos_ids
         self.shared = torch.Generator(device=device).manual_seed(seed)
@@ -188,7 +211,7 @@ class Sampler:
 
     def prepare(self, rows: list[Sequence]) -> None:
         """Per-row tensors for a new batch membership (rows joined or left)."""
-        self.params = BatchParams(rows, self.vocab, self.device)
+        self.params = BatchParams(rows, self.vocab, self.device, self.grammars)
         self._rows = rows
         self._expanded.clear()
 
@@ -207,21 +230,26 @@ class Sampler:
 
     def sample(self, rows: list[Sequence], parts: list[Part]) -> StepSample:
         bp = self.params
+        # The grammar masks are computed on the host while the device runs the step's forwards.
+        disallowed = bp.grammar.disallowed() if bp.grammar is not None else None
         t0 = time.perf_counter()
         composed = combine(len(rows), [(i, c, lp) for _, i, c, lp in parts])
         combine_seconds = time.perf_counter() - t0
-        logits, finite = self.target_logits(rows, parts, composed)
+        logits, finite = self.target_logits(rows, parts, composed, disallowed=disallowed)
         tokens = self._draw(logits, bp)
         tokens = torch.where(finite, tokens, torch.full_like(tokens, -1))
         on_device = tokens.clamp_min(0)
         if bp.penalties is not None:
             bp.penalties.record(on_device)
         token_list = tokens.tolist()  # the step's one device -> host sync
+        reported = composed
+        if disallowed is not None and (bp.max_logprobs >= 0 or bp.trace_rows):
+            reported = bp.grammar.renormalised(composed, disallowed, bp.grammar.constrained)
         return StepSample(
             token_list,
             on_device,
-            self._logprobs(rows, composed, on_device, token_list, bp),
-            self._traces(rows, parts, composed, on_device, token_list, bp),
+            self._logprobs(rows, reported, on_device, token_list, bp),
+            self._traces(rows, parts, reported, on_device, token_list, bp),
             combine_seconds,
         )
 
@@ -232,11 +260,13 @@ class Sampler:
         composed: torch.Tensor,
         ahead: int | list[int] = 0,
         bp: BatchParams | None = None,
+        disallowed: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The distribution each row samples from, as logits (-inf where ruled out), and
         whether its composed distribution is finite. `ahead`: tokens the rows are assumed to
         have beyond their output (a speculative block's position; one per row or for all),
-        for `min_tokens`; `bp`: the rows' tensors when they are not the prepared batch."""
+        for `min_tokens`; `bp`: the rows' tensors when they are not the prepared batch;
+        `disallowed`: [B, V] True for tokens the rows' grammars rule out."""
         bp = bp or self.params
         # A row's sum is finite exactly when all its entries are (one reduction, no [B, V]
         # temporary). A non-finite row is failed by the caller; rows never mix, so its NaNs
@@ -245,6 +275,10 @@ class Sampler:
         scores = composed
         if bp.penalties is not None:
             scores = bp.penalties.apply(scores)
+        if disallowed is not None:
+            # After the penalties (they centre on the median over the whole vocabulary),
+            # before the bans (a ban keeps a row's last token *the grammar allows*).
+            scores = scores.masked_fill(disallowed, -torch.inf)
         banned = self._bans(rows, scores, ahead)
         if banned is not None:
             scores = scores.masked_fill(banned, -torch.inf)
@@ -255,6 +289,8 @@ class Sampler:
             # Bans keep a row's last token, and top-k, top-p and min-p each keep its top one:
             # only the EFT filters, cutting by other distributions, can empty a row.
             return logits, finite
+        if disallowed is not None:  # the filters choose among the tokens the grammar allows
+            banned = disallowed if banned is None else banned | disallowed
         logits = logits.masked_fill(
             bp.filters.mask(len(rows), self.vocab, parts, banned), -torch.inf
         )
@@ -262,11 +298,19 @@ class Sampler:
         empty = ~torch.isfinite(logits).any(dim=-1, keepdim=True)
         return torch.where(empty, scores, logits), finite
 
-    def draft_logits(self, rows: list[Sequence], lp: torch.Tensor, ahead: int) -> torch.Tensor:
-        """A drafting model's distribution after the rows' own bans, temperature, top-k, top-p
-        and min-p (the EFT filters need the base, which does not draft)."""
+    def draft_logits(
+        self,
+        rows: list[Sequence],
+        lp: torch.Tensor,
+        ahead: int,
+        disallowed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """A drafting model's distribution after the rows' grammars, bans, temperature, top-k,
+        top-p and min-p (the EFT filters need the base, which does not draft)."""
         bp = self.params
         scores = lp.nan_to_num(nan=-torch.inf)
+        if disallowed is not None:
+            scores = scores.masked_fill(disallowed, -torch.inf)
         banned = self._bans(rows, scores, ahead)
         if banned is not None:
             scores = scores.masked_fill(banned, -torch.inf)
@@ -363,7 +407,7 @@ class Sampler:
             out.append(
                 None
                 if n is None
-                else TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+                else TokenLogprob(token_list[i], chosen[i], top_pairs(top_i[i][:n], top_v[i][:n]))
             )
         return out
 
@@ -385,6 +429,12 @@ class Sampler:
         for i, (lps, best) in per_row.items():
             out[i] = TokenTrace(token_list[i], chosen[i], lps, best)
         return out
+
+
+def top_pairs(ids: list[int], values: list[float]) -> list[tuple[int, float]]:
+    """(token, log-prob) alternatives, without the tokens a grammar ruled out (-inf): a
+    constrained row with fewer than k allowed tokens reports just those."""
+    return [(i, v) for i, v in zip(ids, values) if v != -math.inf]
 
 
 def prompt_logprobs(

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .detokenizer import IncrementalDetokenizer
+from .grammar import no_continuation
 from .request import GenerationRequest, SamplingParams, SequenceOutput, TokenLogprob, TokenTrace
 
 
@@ -92,6 +94,7 @@ class Sequence:
     draft_slot: int | None = None  # its slot in the draft model (RequestState.draft), if any
     spec_drafted: int = 0  # tokens drafted for this row (speculative steps)
     spec_accepted: int = 0  # ... and accepted by the verification
+    matcher: Any = None  # its grammar's state (llguidance), when its request has a format
 
     def append(
         self,
@@ -105,10 +108,17 @@ class Sequence:
         Semantics as vLLM's: EOS (unless `ignore_eos`) and `stop_token_ids` end the sequence
         without their own text but with any text held back for a possible stop string; stop
         strings are not looked for before `min_tokens` tokens; `max_tokens` ends it last.
+        A row with a grammar ends ("stop") once the grammar is complete, and fails when the
+        token does not fit it (only a grammar that admits nothing here samples such a token).
         """
         p = self.params
         if token < 0:
             return self.fail("the composed distribution is not finite (NaN or inf log-probs)")
+        complete = False
+        if self.matcher is not None:
+            if not self.matcher.consume_token(token):
+                return self.fail(no_continuation(self.matcher))
+            complete = self.matcher.is_stopped()
         self.output.append(token)
         out = SequenceOutput(request_id=self.request.rid, index=self.index, token_ids=[token])
         if logprob is not None:
@@ -126,6 +136,8 @@ class Sequence:
             out.text, hit = self.detok.add(token, check_stop=len(self.output) >= p.min_tokens)
             if hit is not None:
                 out.finish_reason, out.stop_reason = "stop", hit
+        if out.finish_reason is None and complete:
+            out.finish_reason = "stop"
         if out.finish_reason is None and len(self.output) >= p.max_tokens:
             out.finish_reason = "length"
         if out.finish_reason is not None:

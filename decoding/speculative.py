@@ -37,9 +37,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .composition import combine, log_probs
+from .grammar import BlockMasks
 from .request import SamplingParams, TokenLogprob
 from .runner import ModelRunner, reserve_all, unique_runners
-from .sampler import Sampler
+from .sampler import Sampler, top_pairs
 from .sequence import Sequence
 
 MAX_BLOCK = 8
@@ -180,6 +181,8 @@ class _Block:
     drafts: list[list[int]]  # per row: x_1 .. x_k
     q: torch.Tensor  # [kmax, b, V] the draft distributions
     draft_lp: torch.Tensor  # [b, kmax, V] the drafters' log-probs at each position
+    # [kmax + 1, b, V] what the rows' grammars rule out at each position (None: no grammar)
+    disallowed: torch.Tensor | None = None
 
     def drafted_by(self, i: int) -> str | None:
         """The composition model whose log-probs row `i`'s drafting already computed."""
@@ -241,7 +244,14 @@ class SpeculativeDecoder:
         drafts = torch.zeros(b, kmax, dtype=torch.long, device=dev)
         inputs = last
         by_drafter = {name: [i for i in range(b) if drafters[i] == name] for name in set(drafters)}
+        grammar = self.sampler.params.grammar
+        masks = BlockMasks(grammar, kmax, b) if grammar is not None else None
         for j in range(kmax):
+            disallowed = None
+            if masks is not None:
+                # The grammars follow the drafts: one host read per position, for these rows.
+                previous = drafts[:, j - 1].tolist() if j else None
+                disallowed = masks.at(j, ks, previous)
             for name, rows_of in by_drafter.items():
                 idx = [i for i in rows_of if ks[i] > j]
                 if not idx:
@@ -263,12 +273,15 @@ class SpeculativeDecoder:
                     logits = runner.decode([slot[i] for i in idx], inputs.index_select(0, index))
                 stats.add_forward(runner.name, t)
                 draft_lp[:, j].index_copy_(0, index, log_probs(logits.to(dev), self.vocab))
-            q[j] = self.sampler.probs(self.sampler.draft_logits(rows, draft_lp[:, j], ahead=j))
+            q[j] = self.sampler.probs(
+                self.sampler.draft_logits(rows, draft_lp[:, j], ahead=j, disallowed=disallowed)
+            )
             noise = self.sampler.noise((b, self.vocab), "exponential", [k > j for k in ks])
             drafts[:, j] = (q[j] / noise).argmax(-1)
             inputs = drafts[:, j]
-        return _Block(rows, drafters, own, slot, ks, t0, start, seen,
-                      drafts.tolist(), q, draft_lp)  # fmt: skip
+        host = drafts.tolist()
+        return _Block(rows, drafters, own, slot, ks, t0, start, seen, host, q, draft_lp,
+                      masks.finish(ks, host) if masks is not None else None)  # fmt: skip
 
     def _room(self, seq: Sequence, k: int, drafter: str, own: bool, slot: int) -> bool:
         """Blocks for a block of k drafts: t0 and the drafts in every model of the row (the
@@ -326,15 +339,21 @@ class SpeculativeDecoder:
             offset[i] = offset[i - 1] + ks[i - 1]
         kept = [0] * b
         block_composed = None
+        reports = sampler.params.max_logprobs >= 0  # a row asks for log-probs
         if vrow:
             bp = sampler.expanded(vrow)
             vseqs = [rows[i] for i in vrow]
             parts = self._parts(blk, sources, [(i, j) for i, j in zip(vrow, vpos)])
             block_composed = combine(len(vrow), [(i, c, lp) for _, i, c, lp in parts])
-            logits, finite = sampler.target_logits(vseqs, parts, block_composed, vpos, bp)
-            p = sampler.probs(logits, bp)
             vi = torch.tensor(vrow, device=dev)
             vj = torch.tensor(vpos, device=dev)
+            masked = None if blk.disallowed is None else blk.disallowed[vj, vi]
+            logits, finite = sampler.target_logits(
+                vseqs, parts, block_composed, vpos, bp, disallowed=masked
+            )
+            if masked is not None and reports:  # what rows report: the distribution sampled
+                block_composed = self._reported(block_composed, masked, vi)
+            p = sampler.probs(logits, bp)
             x = torch.tensor([blk.drafts[i][j] for i, j in zip(vrow, vpos)], device=dev)
             q = blk.q[vj, vi]  # [nv, V]
             px = p.gather(1, x.unsqueeze(-1)).squeeze(-1)
@@ -365,10 +384,21 @@ class SpeculativeDecoder:
             parts += self._bonus_parts(blk, bonus, stats)
             composed = combine(len(bonus), [(i, c, lp) for _, i, c, lp in parts])
             bp = sampler.expanded(bonus)
-            logits_b, finite_b = sampler.target_logits(
-                [rows[i] for i in bonus], parts, composed, [ks[i] for i in bonus], bp
-            )
             b_index = torch.tensor(bonus, device=dev)
+            masked = None
+            if blk.disallowed is not None:
+                at_k = torch.tensor([ks[i] for i in bonus], device=dev)
+                masked = blk.disallowed[at_k, b_index]
+            logits_b, finite_b = sampler.target_logits(
+                [rows[i] for i in bonus],
+                parts,
+                composed,
+                [ks[i] for i in bonus],
+                bp,
+                disallowed=masked,
+            )
+            if masked is not None and reports:
+                composed = self._reported(composed, masked, b_index)
             final_probs.index_copy_(0, b_index, sampler.probs(logits_b, bp))
             final_logits.index_copy_(0, b_index, logits_b)
             final_composed.index_copy_(0, b_index, composed)
@@ -381,6 +411,12 @@ class SpeculativeDecoder:
         emitted = [blk.drafts[i][: kept[i]] + [last_tokens[i]] for i in range(b)]
         lps = self._logprobs(blk, emitted, kept, offset, block_composed, final_composed, pick)
         return SpecResult(emitted, lps, pick.clamp_min(0), ks, kept)
+
+    def _reported(self, composed: torch.Tensor, masked: torch.Tensor, rows: torch.Tensor):
+        """The composed log-probs of block positions (of batch rows `rows`) as constrained
+        rows report them: renormalised over what their grammar allows."""
+        grammar = self.sampler.params.grammar
+        return grammar.renormalised(composed, masked, grammar.constrained.index_select(0, rows))
 
     def _parts(self, blk: _Block, sources: list[Source], at: list[tuple[int, int]]):
         """The EFT parts (model, rows, coefficients, log-probs) of the target at positions
@@ -455,7 +491,7 @@ class SpeculativeDecoder:
                     val, (tv, ti) = block_v[v], (block_top[0][v], block_top[1][v])
                 else:
                     val, (tv, ti) = final_v[i], (final_top[0][i], final_top[1][i])
-                row.append(TokenLogprob(tok, val, list(zip(ti[:n], tv[:n]))))
+                row.append(TokenLogprob(tok, val, top_pairs(ti[:n], tv[:n])))
             out.append(row)
         return out
 

@@ -18,6 +18,8 @@ One run measures, on the same models and machine:
   time of the reference and experts alone (`loadtest.adapter_bench`);
 - spec_speedup_b1, spec_acceptance, spec_speedup_c16: speculative EFT vs off, on the demo
   family (trained experts; `loadtest.spec_bench`);
+- structured_overhead: the engine's output tokens/s with a JSON Schema / without, the same 16
+  prompts at once (`loadtest.structured_bench`);
 - memory: peak server RSS per phase, per-model KV bytes at the peak, KV bytes once idle, and
   rss_growth = RSS after 1,000 requests / after 100.
 The bench builds its family, starts `eft-serve` itself on a free loopback port and stops it.
@@ -50,6 +52,7 @@ from loadtest.prompts import mixed_workload
 from loadtest.runner import LoadConfig, LoadRun, run_load
 from loadtest.server_proc import BenchServer, MemoryMonitor
 from loadtest.spec_bench import DEMO, compare_all, eval_prompts
+from loadtest.structured_bench import measure as measure_structured
 
 # Up-scaling, the paper's headline: one expert at weight 1 (harmless explicitly off).
 EFT_KNOBS = {"helpful": 1.0, "harmless": 0.0}
@@ -337,6 +340,9 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
             "  engine decode step: "
             + ", ".join(f"batch {b} {1000 * v:.2f} ms" for b, v in engine_steps.items())
         )
+        log("structured outputs: a JSON Schema vs none, 16 prompts at once")
+        structured = measure_structured(family, max_tokens=plan.max_tokens)
+        log(f"  structured_overhead {structured['structured_overhead']:.3f}")
         spec = speculative_on_demo(plan)
         log("LoRA experts as adapters of the reference vs as separate merged models")
         adapters = compare_adapters(family_yaml, max_tokens=plan.max_tokens, rounds=2)
@@ -355,6 +361,7 @@ def in_process(plan: Plan, family_yaml: Path) -> dict:
             "workload_lengths": [k for _, k in workload],
             "spec": spec,
             "adapters": adapters,
+            "structured": structured,
         }
     finally:
         del family
@@ -475,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     res["family"] = family_info(family_yaml, plan, local.pop("params"))
     spec = local.pop("spec")
     adapters = local.pop("adapters")
+    structured = local.pop("structured")
     res.update(compose(srv=srv, levels=levels, **local))
     res["spec_speedup_b1"] = spec["b1_greedy"]["ratio"]
     res["spec_speedup_b1_temperature_1"] = spec["b1_temperature_1"]["ratio"]
@@ -482,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     res["spec_speedup_c16"] = spec["c16_auto_vs_off"]["ratio"]
     res["spec"] = spec
     res["adapters"] = adapters
+    res["structured_overhead"] = structured["structured_overhead"]
+    res["structured"] = structured
     res["adapter_step_ratio_b1"] = adapters["ratio_b1"]
     res["adapter_step_ratio_b16"] = adapters["ratio_b16"]
     res["adapter_forward_ratio_b1"] = adapters["forward_ratio_b1"]

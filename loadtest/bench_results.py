@@ -334,6 +334,12 @@ def format_table(res: dict) -> str:
         )
         row("spec_acceptance (accepted / drafted)", fmt(res["spec_acceptance"], ".2f"))
         row("spec_speedup_c16 (auto / off)", fmt(res["spec_speedup_c16"], ".2f") + "x")
+    if res.get("structured_overhead") is not None:
+        row(
+            "structured_overhead (JSON Schema / none)",
+            fmt(res["structured_overhead"], ".3f") + "x",
+            "tok/s, 16 prompts at once",
+        )
     if res.get("adapter_step_ratio_b16") is not None:
         a = res["adapters"]
         note = f"{a['adapters']} LoRA experts of rank {a['rank']}"

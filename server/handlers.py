@@ -24,11 +24,13 @@ from pydantic import BaseModel, ValidationError
 from decoding.request import (
     Composition,
     GenerationRequest,
+    RequestValidationError,
     SamplingParams,
     SequenceOutput,
     TokenLogprob,
     TokenTrace,
 )
+from server import formats
 from server import logprobs as LP
 from server import protocol as P
 from server.errors import ApiError, bad_request, from_validation_error
@@ -39,6 +41,7 @@ from server.tokens import TokenText
 from server.trace import TraceFormatter
 
 _DONE = "data: [DONE]\n\n"
+GRAMMAR_TIMEOUT_S = 10.0  # a structured-output format must compile within this
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -177,12 +180,15 @@ class Handlers:
         longest_piece = max((len(p) for p in self.tok.get_vocab()), default=1)
         self.max_text_chars = self.ctx * max(longest_piece, 1)
         self._big_text = asyncio.Semaphore(1)  # one large tokenization at a time
+        self._compiling = asyncio.Semaphore(1)  # one grammar compile at a time
 
     # ---------------------------------------------------------------- request -> engine
 
     def sampling(self, req: P.CompletionRequest | P.ChatCompletionRequest, max_tokens: int,
-                 logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
-        """The engine's sampling parameters (with the `eft.trace` switch)."""
+                 logprobs: int | None, prompt_logprobs: int | None,
+                 grammar: str | None = None) -> SamplingParams:
+        """The engine's sampling parameters (with the `eft.trace` switch and the request's
+        compiled format, `grammar`)."""
         vocab = self.vocab
         for t in req.stop_token_ids or []:
             if not 0 <= t < vocab:
@@ -209,7 +215,28 @@ class Handlers:
             skip_special_tokens=req.skip_special_tokens,
             trace=bool((req.eft or {}).get("trace")),
             speculative=bool((req.eft or {}).get("speculative", True)),
+            grammar=grammar,
         )
+
+    async def grammar(self, req: P.CompletionRequest | P.ChatCompletionRequest) -> str | None:
+        """The request's structured-output format as a grammar compiled by the engine (cached
+        by its text), or None. A grammar compiles in a thread, one at a time, so a large one
+        stalls neither the event loop nor the other requests' compiles beyond one; llguidance
+        bounds its own work, and a compile that still outlasts `GRAMMAR_TIMEOUT_S` is a 400."""
+        spec = formats.grammar_of(req)
+        if spec is None:
+            return None
+        text, param = spec
+        try:
+            async with self._compiling:
+                await asyncio.wait_for(asyncio.to_thread(self.engine.grammars.compile, text, param),
+                                       GRAMMAR_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise bad_request(f"{param}: the format took longer than {GRAMMAR_TIMEOUT_S:g} s to "
+                              "compile; simplify it", param=param) from exc
+        except RequestValidationError as exc:
+            raise bad_request(exc.message, param=exc.param) from exc
+        return text
 
     def check_context(self, prompt_lens: dict[str, int], max_tokens: int | None,
                       comp: Composition) -> int:
@@ -430,7 +457,8 @@ class Handlers:
                          for ids in prompts)
         scoring = req.echo and req.logprobs is not None
         params = self.sampling(req, max_tokens, req.logprobs,
-                               req.logprobs if scoring else req.prompt_logprobs)
+                               req.logprobs if scoring else req.prompt_logprobs,
+                               await self.grammar(req))
         per_model = [{m: ids for m in models} for ids in prompts]
         run = self.start(new_id("cmpl"), req, per_model, comp, params, arrival,
                          prompt_tokens=sum(len(p) for p in prompts))
@@ -515,7 +543,7 @@ class Handlers:
         lens = {m: len(ids) for m, ids in rendered.items()}
         max_tokens = self.check_context(lens, req.max_tokens_asked, comp)
         k = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.sampling(req, max_tokens, k, None)
+        params = self.sampling(req, max_tokens, k, None, await self.grammar(req))
         used = [m for m in comp.coeffs if m in lens] or list(lens)
         prompt_tokens = max(lens[m] for m in used)
         run = self.start(new_id("chatcmpl"), req, [rendered], comp, params, arrival,

@@ -3,8 +3,9 @@
 Requests are lenient like vLLM's (`extra="allow"`): an OpenAI field this server does not
 implement is accepted and ignored rather than refused, because SDKs add new fields all the time;
 the exceptions are fields whose silent omission changes what the client gets back (`tools`,
-`functions` and their `*_choice`/`function_call`, `logit_bias`, a non-text `response_format`):
-those are refused with a 400 naming the field.
+`functions` and their `*_choice`/`function_call`, `logit_bias`): those are refused with a 400
+naming the field. Structured outputs (`response_format`, vLLM's `structured_outputs`) are
+served; `server.formats` turns them into a grammar.
 Fields it *does* implement are validated strictly (JSON types included), so that a bad value is a
 400 naming the field (`param`), never a silent clamp or coercion. These models are also the
 request schemas of `/openapi.json` (`server.openapi`). Family-specific checks (which experts
@@ -70,6 +71,52 @@ def _check_knobs(v: Any) -> dict[str, float | bool] | None:
     return out
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    # `schema` would shadow a BaseModel attribute: the wire name is an alias.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None  # every schema is enforced; accepted for compatibility
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format: type 'json_schema' needs a json_schema object")
+        return self
+
+
+class StructuredOutputs(OpenAIBaseModel):
+    """vLLM's `structured_outputs` extra field: exactly one constraint."""
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON Schema
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None  # EBNF (GBNF) or Lark
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [k for k in ("json_", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs: give exactly one of json, regex, choice, grammar, "
+                "json_object"
+            )
+        return self
+
+
+GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+          "guided_grammar": "grammar"}
+
+
 class _SamplingFields(OpenAIBaseModel):
     """Fields common to completions and chat (OpenAI + vLLM extras + `eft`)."""
 
@@ -93,6 +140,9 @@ class _SamplingFields(OpenAIBaseModel):
     min_tokens: int = Field(0, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
     skip_special_tokens: bool = True
+    # structured outputs: OpenAI's, and vLLM's extra field
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # the extension
     eft: dict[str, Any] | None = None  # knob -> weight or filter value; `trace`, `speculative`
 
@@ -126,6 +176,28 @@ class _SamplingFields(OpenAIBaseModel):
         if self.stream_options is not None and not self.stream:
             raise ValueError(
                 "stream_options: Stream options can only be defined when `stream=True`.")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _guided(cls, data: Any) -> Any:
+        # vLLM's older spelling (`guided_json`, `guided_regex`, `guided_choice`,
+        # `guided_grammar`) means `structured_outputs`; ignoring it would drop the constraint.
+        if not isinstance(data, dict):
+            return data
+        old = {k: data[k] for k in GUIDED if data.get(k) is not None}
+        if not old:
+            return data
+        if data.get("structured_outputs") is not None:
+            raise ValueError("structured_outputs: send it or the guided_* fields, not both")
+        rest = {k: v for k, v in data.items() if k not in GUIDED}
+        return {**rest, "structured_outputs": {GUIDED[k]: v for k, v in old.items()}}
+
+    @model_validator(mode="after")
+    def _one_format(self) -> _SamplingFields:
+        if (self.structured_outputs is not None and self.response_format is not None
+                and self.response_format.type != "text"):
+            raise ValueError("structured_outputs: send it or a non-text response_format, not both")
         return self
 
     @model_validator(mode="after")
@@ -212,24 +284,17 @@ class ChatMessage(OpenAIBaseModel):
         return "".join(parts)
 
 
-class ResponseFormat(OpenAIBaseModel):
-    type: str = "text"
-
-
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: ResponseFormat | None = None
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and self.top_logprobs > 0 and not self.logprobs:
             raise ValueError("top_logprobs: requires logprobs to be true")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise ValueError("response_format: only type 'text' is supported")
         limit = self.max_tokens_asked
         if limit is not None and self.min_tokens > limit:
             raise ValueError("min_tokens: must be <= max_tokens")

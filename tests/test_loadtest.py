@@ -359,11 +359,13 @@ def test_bench_compose_keys_and_ratios() -> None:
         spec_speedup_b1=1.4, spec_speedup_b1_temperature_1=1.3, spec_acceptance=0.67,
         spec_speedup_c16=0.97, adapters={"adapters": 2, "rank": 16}, adapter_step_ratio_b1=1.47,
         adapter_step_ratio_b16=1.23, adapter_forward_ratio_b1=1.71, adapter_forward_ratio_b16=1.56,
+        structured_overhead=0.955,
     )  # fmt: skip
     table = format_table(res)
     assert "batched_vs_sequential" in table and "reproduce: cmd" in table
     assert "spec_speedup_b1" in table and "1.40x" in table
     assert "adapter_forward_ratio_b16" in table and "1.56x" in table
+    assert "structured_overhead" in table and "0.955x" in table
     for key in ("batching_limit", "batching_efficiency", "vs_static_batch", "poisson"):
         assert key in table, key
     assert "vs_static_batch" in format_markdown(res)

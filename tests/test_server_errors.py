@@ -94,7 +94,7 @@ BAD_REQUESTS = [
     ("h", {"top_logprobs": 21, "logprobs": True}, "top_logprobs"),
     ("h", {"top_logprobs": 2}, "top_logprobs"),  # without logprobs
     ("h", {"stream_options": {"include_usage": True}, "stream": False}, "stream_options"),
-    ("h", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("h", {"response_format": {"type": "xml"}}, "response_format.type"),
     ("h", {"max_tokens": 0}, "max_tokens"),
 ]
 
