@@ -93,6 +93,8 @@ class GenerationRequest:
     prompt_ids: dict[str, list[int]]
     composition: Composition
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Who sent it (e.g. the peer address): the waiting queue takes turns between clients.
+    client: str | None = None
 
 
 @dataclass

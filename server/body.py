@@ -3,8 +3,10 @@
 Everything a client can send is checked here before any model code sees it, so that no body
 can reach a 500: a non-JSON media type is a 415 (a browser's "simple" text/plain POST never gets
 to start a generation), a body over the size limit a 413, a body that trickles in slower than
-the read timeout a 408, and malformed JSON, nesting deeper than `MAX_DEPTH` or a string with a
-lone UTF-16 surrogate (valid JSON, but no tokenizer or UTF-8 encoder takes it) a 400.
+the read timeout a 408, and malformed JSON, nesting deeper than `MAX_DEPTH`, more than
+`MAX_VALUES` objects, arrays and strings, or a string with a lone UTF-16 surrogate (valid JSON,
+but no tokenizer or UTF-8 encoder takes it) a 400. A large body is parsed in a worker thread
+(`parse_json_off_loop`), so that `/health` and running streams do not wait for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from starlette.requests import Request
 from server.errors import ApiError, bad_request
 
 MAX_DEPTH = 32  # the deepest real request (chat content parts) is 5 levels
+# Objects, arrays and strings in one body (token ids are not counted): a real request holds a
+# few thousand at most (3 per chat message), while 4 MB of `{}` is 1.4 M of them, which
+# would take seconds to validate.
+MAX_VALUES = 65536
+OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -61,6 +68,12 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
         ) from exc
 
 
+async def parse_json_off_loop(raw: bytes) -> Any:
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse_json, raw)
+    return parse_json(raw)
+
+
 def parse_json(raw: bytes) -> Any:
     try:
         body = json.loads(raw)
@@ -76,10 +89,18 @@ def parse_json(raw: bytes) -> Any:
 
 def check_structure(body: Any) -> None:
     """Iteratively (no recursion to exhaust): nesting depth and lone surrogates, naming the
-    first offending field."""
+    first offending field; and the count of values."""
     stack: list[tuple[Any, tuple[str, ...]]] = [(body, ())]
+    seen = 0
     while stack:
         value, path = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise bad_request(
+                f"The JSON body holds more than {MAX_VALUES} objects, arrays and strings.",
+                param=_param(path[:1]),
+                code="invalid_json",
+            )
         if len(path) > MAX_DEPTH:
             raise bad_request(
                 f"The JSON body is nested more than {MAX_DEPTH} levels deep.",

@@ -169,8 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-waiting",
         type=int,
-        default=128,
-        help="requests queued for a batch slot; beyond it requests get 429",
+        default=256,
+        help="sequences (prompts x n) queued for a batch row; a request that does not fit "
+        "gets 429",
+    )
+    p.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=64,
+        help="sequences (prompts x n) one request may ask for; more is a 400. Keep it well "
+        "below --max-waiting so that no single request can fill the queue",
     )
     p.add_argument(
         "--speculative",
@@ -261,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest accepted request body; larger ones get 413",
     )
     p.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        help="largest response a request may ask for, estimated before any work from "
+        "prompts x n x tokens x logprob/trace entries; larger asks get 400",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -289,6 +304,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     cfg = EngineConfig(
         max_batch_size=args.max_batch_size,
         max_waiting=args.max_waiting,
+        max_seqs_per_request=args.max_seqs_per_request,
         speculative=args.speculative,
         prefill_share=max(0.0, args.prefill_share),
         kv_cache_memory=args.kv_cache_memory,
@@ -333,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
     if (
         args.max_batch_size < 1
         or args.max_waiting < 0
+        or args.max_seqs_per_request < 1
+        or args.max_response_bytes < 1
         or (args.threads is not None and args.threads < 1)
     ):
         print(
-            "eft-serve: --max-batch-size and --threads must be >= 1, --max-waiting >= 0",
+            "eft-serve: --max-batch-size, --max-seqs-per-request, --max-response-bytes and "
+            "--threads must be >= 1, --max-waiting >= 0",
             file=sys.stderr,
         )
         return 2
@@ -411,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key or None,
         allow_negative_weights=args.allow_negative_weights,
         max_body_bytes=args.max_body_bytes,
+        max_response_bytes=args.max_response_bytes,
         read_timeout_s=args.read_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
         cors_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],

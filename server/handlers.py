@@ -10,6 +10,7 @@ chunk, `[DONE]`, the aborted-request metric) are shared below.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 import uuid
@@ -33,13 +34,24 @@ from server import logprobs as LP
 from server import protocol as P
 from server.errors import ApiError, bad_request, from_validation_error
 from server.knobs import build_composition, resolve_model
+from server.limits import (
+    ResponseShape,
+    check_message_count,
+    check_response_size,
+    check_sequences,
+)
 from server.metrics import ServerMetrics
 from server.streaming import Generation, SSEResponse
 from server.tokens import TokenText
 from server.trace import TraceFormatter
 
 _DONE = "data: [DONE]\n\n"
+# The peer that sent the request being handled (set by server.app): the engine's waiting queue
+# takes turns between clients.
+client: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 M = TypeVar("M", bound=BaseModel)
+OFF_LOOP_CHARS = 8192  # texts (and chats) larger than this are tokenized in a worker thread
+MESSAGE_CHARS = 32  # what a message costs a template to render, counted as this many characters
 
 
 def parse(model: type[M], obj: Any) -> M:
@@ -159,7 +171,8 @@ class Handlers:
     """Completions, chat, tokenize and detokenize for one engine and family."""
 
     def __init__(self, engine: Any, family: Any, metrics: ServerMetrics,
-                 allow_negative_weights: bool = False, sse_ping_s: float = 15.0):
+                 allow_negative_weights: bool = False, sse_ping_s: float = 15.0,
+                 max_response_bytes: int = 64 * 1024 * 1024):
         self.engine = engine
         self.sse_ping_s = sse_ping_s
         self.open: set[Generation] = set()  # runs not yet closed: what a shutdown must end
@@ -177,6 +190,9 @@ class Handlers:
         longest_piece = max((len(p) for p in self.tok.get_vocab()), default=1)
         self.max_text_chars = self.ctx * max(longest_piece, 1)
         self._big_text = asyncio.Semaphore(1)  # one large tokenization at a time
+        self.max_response_bytes = max_response_bytes
+        config = getattr(engine, "config", None)
+        self.max_seqs = int(getattr(config, "max_seqs_per_request", 1 << 30))
 
     # ---------------------------------------------------------------- request -> engine
 
@@ -243,7 +259,7 @@ class Handlers:
         # /health) on the event loop, and several at once must not take every core from the
         # engine: they run in a thread, one at a time. Small inputs stay inline (a thread hop
         # costs more than they do).
-        if size > 8192:
+        if size > OFF_LOOP_CHARS:
             async with self._big_text:
                 return await asyncio.to_thread(fn, *args, **kw)
         return fn(*args, **kw)
@@ -278,10 +294,11 @@ class Handlers:
             msgs = [{"role": m.role, "content": m.text()} for m in messages]
         except ValueError as exc:
             raise bad_request(f"messages: {exc}", param="messages") from exc
-        self.check_text_size(sum(len(m["content"]) for m in msgs), "messages")
+        chars = sum(len(m["content"]) for m in msgs)
+        self.check_text_size(chars, "messages")
         try:
             return await self.off_loop(self.family.render_chat, msgs,
-                                       size=sum(len(m["content"]) for m in msgs))
+                                       size=chars + MESSAGE_CHARS * len(msgs))
         except Exception as exc:  # a template that raises on this conversation is a 400
             raise bad_request(f"messages: the chat template failed: {exc}",
                               param="messages") from exc
@@ -294,8 +311,9 @@ class Handlers:
               prompts: list[dict[str, list[int]]], comp: Composition, params: SamplingParams,
               t0: float, prompt_tokens: int) -> _Run:
         """Submit one engine request per prompt (refusals raise here, before any response)."""
+        who = client.get()
         reqs = [GenerationRequest(request_id=rid if len(prompts) == 1 else f"{rid}-{i}",
-                                  prompt_ids=p, composition=comp, params=params)
+                                  prompt_ids=p, composition=comp, params=params, client=who)
                 for i, p in enumerate(prompts)]
         if self.ended:
             raise _shutting_down()
@@ -422,6 +440,9 @@ class Handlers:
 
     async def completions(self, body: Any, arrival: float) -> Response:
         req = parse(P.CompletionRequest, body)
+        p = req.prompt
+        count = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+        check_sequences(count, req.n, self.max_seqs)
         comp = self.composition(req)
         prompts = await self.completion_prompts(req)
         models = self.family.models
@@ -431,6 +452,10 @@ class Handlers:
         scoring = req.echo and req.logprobs is not None
         params = self.sampling(req, max_tokens, req.logprobs,
                                req.logprobs if scoring else req.prompt_logprobs)
+        shape = ResponseShape(n=req.n, max_tokens=max_tokens, stream=req.stream, echo=req.echo,
+                              logprobs=req.logprobs, prompt_logprobs=params.prompt_logprobs,
+                              trace=params.trace, trace_models=len(comp.coeffs))
+        check_response_size(shape, [len(ids) for ids in prompts], self.max_response_bytes)
         per_model = [{m: ids for m in models} for ids in prompts]
         run = self.start(new_id("cmpl"), req, per_model, comp, params, arrival,
                          prompt_tokens=sum(len(p) for p in prompts))
@@ -509,7 +534,9 @@ class Handlers:
     # ---------------------------------------------------------------- chat
 
     async def chat(self, body: Any, arrival: float) -> Response:
+        check_message_count(body, self.ctx)
         req = parse(P.ChatCompletionRequest, body)
+        check_sequences(1, req.n, self.max_seqs)
         comp = self.composition(req)
         rendered = await self.chat_prompt(req.messages)
         lens = {m: len(ids) for m, ids in rendered.items()}
@@ -518,6 +545,9 @@ class Handlers:
         params = self.sampling(req, max_tokens, k, None)
         used = [m for m in comp.coeffs if m in lens] or list(lens)
         prompt_tokens = max(lens[m] for m in used)
+        shape = ResponseShape(n=req.n, max_tokens=max_tokens, stream=req.stream, logprobs=k,
+                              trace=params.trace, trace_models=len(comp.coeffs))
+        check_response_size(shape, [prompt_tokens], self.max_response_bytes)
         run = self.start(new_id("chatcmpl"), req, [rendered], comp, params, arrival,
                          prompt_tokens=prompt_tokens)
         self.metrics.request_prompt_tokens.observe(prompt_tokens)
@@ -566,6 +596,7 @@ class Handlers:
     # ---------------------------------------------------------------- tokenizer routes
 
     async def tokenize(self, body: Any, arrival: float) -> Response:
+        check_message_count(body, self.ctx)
         req = parse(P.TokenizeRequest, body)
         model = resolve_model(self.family, req.model) if req.model else None
         if req.prompt is not None:
