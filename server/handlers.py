@@ -51,6 +51,7 @@ _DONE = "data: [DONE]\n\n"
 client: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 M = TypeVar("M", bound=BaseModel)
 OFF_LOOP_CHARS = 8192  # texts (and chats) larger than this are tokenized in a worker thread
+OFF_LOOP_RESPONSE_BYTES = 1 << 20  # responses estimated larger are built in a worker thread
 MESSAGE_CHARS = 32  # what a message costs a template to render, counted as this many characters
 
 
@@ -436,6 +437,13 @@ class Handlers:
             gen.abort(_shutting_down())
         return len(runs)
 
+    async def respond(self, size: int, build: Callable[..., Response], *args: Any) -> Response:
+        # Building a response of many MB (logprobs, traces) takes seconds of Python: a large
+        # one is built in a worker thread, so that /health and running streams go on meanwhile.
+        if size > OFF_LOOP_RESPONSE_BYTES:
+            return await asyncio.to_thread(build, *args)
+        return build(*args)
+
     # ---------------------------------------------------------------- completions
 
     async def completions(self, body: Any, arrival: float) -> Response:
@@ -455,7 +463,7 @@ class Handlers:
         shape = ResponseShape(n=req.n, max_tokens=max_tokens, stream=req.stream, echo=req.echo,
                               logprobs=req.logprobs, prompt_logprobs=params.prompt_logprobs,
                               trace=params.trace, trace_models=len(comp.coeffs))
-        check_response_size(shape, [len(ids) for ids in prompts], self.max_response_bytes)
+        size = check_response_size(shape, [len(ids) for ids in prompts], self.max_response_bytes)
         per_model = [{m: ids for m in models} for ids in prompts]
         run = self.start(new_id("cmpl"), req, per_model, comp, params, arrival,
                          prompt_tokens=sum(len(p) for p in prompts))
@@ -466,6 +474,13 @@ class Handlers:
             return SSEResponse(self.stream_completion(req, run, prompts, echo_text),
                                on_close=lambda: self.close(run), ping_s=self.sse_ping_s)
         choices = await self.collect(run)
+        return await self.respond(size, self.completion_response, req, run, prompts, echo_text,
+                                  choices)
+
+    def completion_response(self, req: P.CompletionRequest, run: _Run, prompts: list[list[int]],
+                            echo_text: list[str] | None, choices: dict[int, _Choice]
+                            ) -> Response:
+        scoring = req.echo and req.logprobs is not None
         out_choices = []
         for idx in sorted(choices):
             ch = choices[idx]
@@ -547,7 +562,7 @@ class Handlers:
         prompt_tokens = max(lens[m] for m in used)
         shape = ResponseShape(n=req.n, max_tokens=max_tokens, stream=req.stream, logprobs=k,
                               trace=params.trace, trace_models=len(comp.coeffs))
-        check_response_size(shape, [prompt_tokens], self.max_response_bytes)
+        size = check_response_size(shape, [prompt_tokens], self.max_response_bytes)
         run = self.start(new_id("chatcmpl"), req, [rendered], comp, params, arrival,
                          prompt_tokens=prompt_tokens)
         self.metrics.request_prompt_tokens.observe(prompt_tokens)
@@ -555,6 +570,10 @@ class Handlers:
             return SSEResponse(self.stream_chat(req, run, k), on_close=lambda: self.close(run),
                                ping_s=self.sse_ping_s)
         choices = await self.collect(run)
+        return await self.respond(size, self.chat_response, req, run, k, choices)
+
+    def chat_response(self, req: P.ChatCompletionRequest, run: _Run, k: int | None,
+                      choices: dict[int, _Choice]) -> Response:
         out_choices = []
         for idx in sorted(choices):
             ch = choices[idx]

@@ -61,7 +61,8 @@ class ResponseShape:
         return self.n * sum(length * prompt + self.max_tokens * gen for length in prompt_lens)
 
 
-def check_response_size(shape: ResponseShape, prompt_lens: list[int], limit: int) -> None:
+def check_response_size(shape: ResponseShape, prompt_lens: list[int], limit: int) -> int:
+    """The estimate, when it is within `limit`."""
     size = shape.estimate(prompt_lens)
     if size > limit:
         raise bad_request(
@@ -72,6 +73,7 @@ def check_response_size(shape: ResponseShape, prompt_lens: list[int], limit: int
             param="max_tokens",
             code="response_too_large",
         )
+    return size
 
 
 def check_sequences(prompts: int, n: int, limit: int) -> None:
