@@ -25,6 +25,10 @@ MAX_DEPTH = 32  # the deepest real request (chat content parts) is 5 levels
 # few thousand at most (3 per chat message), while 4 MB of `{}` is 1.4 M of them, which
 # would take seconds to validate.
 MAX_VALUES = 65536
+# `{` and `[` bytes in one body, counted before parsing: json.loads holds the GIL (and so
+# stalls the event loop, even from a worker thread) for ~1 s per million containers. Brackets
+# inside strings count too, hence the margin over MAX_VALUES.
+MAX_BRACKETS = 4 * MAX_VALUES
 OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -75,6 +79,13 @@ async def parse_json_off_loop(raw: bytes) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
+    brackets = raw.count(b"{") + raw.count(b"[")
+    if brackets > MAX_BRACKETS:
+        raise bad_request(
+            f"The JSON body holds {brackets} `{{` and `[` characters, more than {MAX_BRACKETS}; "
+            f"a request has at most {MAX_VALUES} objects, arrays and strings.",
+            code="invalid_json",
+        )
     try:
         body = json.loads(raw)
     except RecursionError as exc:
@@ -91,16 +102,17 @@ def check_structure(body: Any) -> None:
     """Iteratively (no recursion to exhaust): nesting depth and lone surrogates, naming the
     first offending field; and the count of values."""
     stack: list[tuple[Any, tuple[str, ...]]] = [(body, ())]
-    seen = 0
+    walked = 1  # values pushed so far; a container's are counted before any is pushed
     while stack:
         value, path = stack.pop()
-        seen += 1
-        if seen > MAX_VALUES:
-            raise bad_request(
-                f"The JSON body holds more than {MAX_VALUES} objects, arrays and strings.",
-                param=_param(path[:1]),
-                code="invalid_json",
-            )
+        if isinstance(value, dict | list):
+            walked += _values(value)
+            if walked > MAX_VALUES:
+                raise bad_request(
+                    f"The JSON body holds more than {MAX_VALUES} objects, arrays and strings.",
+                    param=_param(path[:1]),
+                    code="invalid_json",
+                )
         if len(path) > MAX_DEPTH:
             raise bad_request(
                 f"The JSON body is nested more than {MAX_DEPTH} levels deep.",
@@ -127,6 +139,11 @@ def check_structure(body: Any) -> None:
                 for i, v in enumerate(value)
                 if isinstance(v, str | dict | list)
             )  # token ids need no look
+
+
+def _values(container: dict[str, Any] | list[Any]) -> int:
+    items = container.values() if isinstance(container, dict) else container
+    return sum(isinstance(v, str | dict | list) for v in items)
 
 
 def _param(path: tuple[str, ...]) -> str | None:
