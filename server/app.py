@@ -192,10 +192,10 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
     app.state.metrics = metrics
     app.state.settings = settings
 
-    def end_open_requests() -> None:
+    def end_open_requests(why: str | None = None) -> None:
         n = handlers.end_open_requests()
-        log.warning("shutdown timeout (%g s) passed: ended %d open request(s) with a 503 or a "
-                    "final error chunk", settings.shutdown_timeout_s, n)
+        why = why or f"shutdown timeout ({settings.shutdown_timeout_s:g} s) passed"
+        log.warning("%s: ended %d open request(s) with a 503 or a final error chunk", why, n)
 
     def begin_drain() -> None:
         # Called from the SIGTERM handler: /ready turns 503 at once (load balancers stop
@@ -210,7 +210,16 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             loop.call_soon_threadsafe(loop.call_later, settings.shutdown_timeout_s,
                                       end_open_requests)
 
+    def end_now() -> None:
+        # A second Ctrl-C: end every open request at once, each in its proper shape (a stream
+        # with an error chunk and [DONE], a non-streamed request with a 503), rather than cut.
+        state["shutting_down"] = True
+        loop = state.get("loop")
+        if loop is not None:
+            loop.call_soon_threadsafe(end_open_requests, "second SIGINT")
+
     app.state.begin_drain = begin_drain
+    app.state.end_now = end_now
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key,
                            on_fail=lambda: metrics.failure("unauthorized"))

@@ -4,7 +4,8 @@ With no `--config` it serves the embedded demo family (`demo/family/family.yaml`
 installed `demo` package) on 127.0.0.1:8000; `--model PATH` serves one model alone.
 SIGTERM/SIGINT: uvicorn stops accepting connections, in-flight requests get
 `--shutdown-timeout` seconds to finish, then the lifespan shuts the engine down (aborting
-what is left) and the process exits 0.
+what is left) and the process exits 0. A second SIGINT ends every open request at once (a
+stream with an error chunk and [DONE], another request with a 503) and the process exits 130.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +28,7 @@ from server.version import package_version
 log = logging.getLogger("eft_serve")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+FORCE_GRACE_S = 2.0  # after a second SIGINT: for the ended requests' last bytes to go out
 
 
 def default_config() -> Path:
@@ -318,16 +321,30 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return cfg
 
 
-def _server_class(on_drain: Callable[[], None]) -> type:
+def _server_class(on_drain: Callable[[], None], on_force: Callable[[], None] | None = None
+                  ) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises a captured SIGTERM/SIGINT after its graceful shutdown, so the
-        process would die of the signal (exit -15); a clean drain must exit 0."""
+        process would die of the signal (exit -15); a clean drain must exit 0. A second SIGINT
+        ends every open request now (`on_force`: error chunk + [DONE], or a 503), gives their
+        last bytes `FORCE_GRACE_S` to go out, then stops waiting; the exit code is then 130."""
+
+        forced = False
 
         def handle_exit(self, sig: int, frame: object) -> None:
             if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C stops waiting for in-flight requests
+                if self.forced:
+                    self.force_exit = True  # a third one stops waiting at once
+                    return
+                self.forced = True
+                log.warning("second SIGINT: ending open requests now")
+                if on_force is not None:
+                    on_force()
+                timer = threading.Timer(FORCE_GRACE_S, setattr, (self, "force_exit", True))
+                timer.daemon = True
+                timer.start()
             else:
                 log.info("received %s: draining in-flight requests", signal.Signals(sig).name)
                 on_drain()
@@ -472,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.connections import bounded_protocol
 
-    server = _server_class(app.state.begin_drain)(
+    server = _server_class(app.state.begin_drain, app.state.end_now)(
         uvicorn.Config(
             app,
             host=args.host,
@@ -490,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, lifespan shutdown
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn has logged why
+    if server.forced:
+        log.warning("eft-serve stopped by a second SIGINT")
+        return 130  # as a shell reports a process ended by Ctrl-C
     log.info("eft-serve stopped")
     return 0
 

@@ -113,6 +113,30 @@ def test_connections_beyond_the_cap_are_closed(server):
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
 
 
+def test_oversized_request_head_gets_the_json_error_shape(server):
+    # A 100 KB Authorization header, arriving in pieces: past h11's 16 KiB limit for an
+    # incomplete head, it is refused, in the OpenAI error shape like every other 400.
+    head = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {'k' * 100_000}"
+            "\r\n\r\n").encode()
+    with connect(server) as sock:
+        for i in range(0, len(head), 8192):
+            try:
+                sock.sendall(head[i:i + 8192])
+            except OSError:
+                break  # answered and closed before the rest arrived
+            time.sleep(0.01)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status, _, rest = reply.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert b"content-type: application/json" in headers.lower()
+    err = json.loads(body)["error"]
+    assert err["code"] == "invalid_http_request" and "16384 bytes" in err["message"]
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
 def test_shutdown_timeout_ends_open_requests_cleanly(server):
     """Last in the module: stops the server. One batch slot: the first stream runs, the
     second stream and a plain request wait; SIGTERM, and 1 s later all of them end."""
