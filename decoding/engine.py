@@ -143,6 +143,13 @@ class Engine:
         return self._num_waiting
 
     @property
+    def max_seqs_per_request(self) -> int:
+        """Sequences one request may bring: its share, and never more than the queue (or a
+        free batch) could ever take, which would leave it refused with 429 forever."""
+        cfg = self.config
+        return min(cfg.max_seqs_per_request, max(cfg.max_waiting, cfg.max_batch_size))
+
+    @property
     def dead(self) -> str | None:
         """Why the step loop is gone (crashed or shut down), or None while it can serve."""
         if self._dead:
@@ -185,10 +192,11 @@ class Engine:
             raise EngineDeadError(self._dead or "the engine is shutting down")
         cfg = self.config
         seqs = sum(r.params.n for r in reqs)
-        if seqs > cfg.max_seqs_per_request:
+        if seqs > self.max_seqs_per_request:
             raise RequestValidationError(
                 f"this request asks for {seqs} sequences ({len(reqs)} prompt(s) x n); one "
-                f"request may have at most {cfg.max_seqs_per_request} (--max-seqs-per-request)",
+                f"request may have at most {self.max_seqs_per_request} "
+                "(--max-seqs-per-request, within --max-waiting)",
                 param="n",
             )
         states = [self._validate(req) for req in reqs]

@@ -28,7 +28,7 @@ MAX_VALUES = 65536
 # `{` and `[` bytes in one body, counted before parsing: json.loads holds the GIL (and so
 # stalls the event loop, even from a worker thread) for ~1 s per million containers. Brackets
 # inside strings count too, hence the margin over MAX_VALUES.
-MAX_BRACKETS = 4 * MAX_VALUES
+MAX_BRACKETS = 2 * MAX_VALUES
 OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

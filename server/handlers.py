@@ -192,8 +192,7 @@ class Handlers:
         self.max_text_chars = self.ctx * max(longest_piece, 1)
         self._big_text = asyncio.Semaphore(1)  # one large tokenization at a time
         self.max_response_bytes = max_response_bytes
-        config = getattr(engine, "config", None)
-        self.max_seqs = int(getattr(config, "max_seqs_per_request", 1 << 30))
+        self.max_seqs = int(getattr(engine, "max_seqs_per_request", 1 << 30))
 
     # ---------------------------------------------------------------- request -> engine
 

@@ -81,7 +81,7 @@ def check_sequences(prompts: int, n: int, limit: int) -> None:
     if prompts * n > limit:
         raise bad_request(
             f"This request asks for {prompts * n} sequences ({prompts} prompt(s) x n={n}); one "
-            f"request may have at most {limit} (--max-seqs-per-request).",
+            f"request may have at most {limit} (--max-seqs-per-request, within --max-waiting).",
             param="n",
             code="too_many_sequences",
         )
