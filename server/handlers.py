@@ -85,6 +85,24 @@ def _stream_chunk(chunk: BaseModel, include_usage: bool) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
+def _json_response(resp: P.CompletionResponse | P.ChatCompletionResponse) -> Response:
+    """The response's JSON, serialized a choice at a time: one json.dumps of a response of many
+    MB holds the GIL (and so the event loop, even from a worker thread) for its whole length."""
+    head = resp.model_dump(mode="json", exclude={"choices"})
+    choices = []
+    for choice in resp.choices:
+        data = choice.model_dump(mode="json")
+        _drop_unasked(data)
+        choices.append(_dumps(data))
+    body = _dumps(head)[:-1] + ',"choices":[' + ",".join(choices) + "]}"
+    return Response(body.encode(), media_type="application/json")
+
+
+def _dumps(obj: Any) -> str:
+    # As starlette's JSONResponse writes it.
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
 def _drop_unasked(choice: dict[str, Any]) -> None:
     """Extension fields appear only when asked for (as vLLM's prompt_logprobs)."""
     for key in ("prompt_logprobs", "trace", "prompt_trace"):
@@ -505,10 +523,7 @@ class Handlers:
         usage = self.finish(run, choices.values())
         resp = P.CompletionResponse(id=run.rid, model=req.model, choices=out_choices, usage=usage,
                                     eft=run.knobs)
-        data = resp.model_dump(mode="json")
-        for c in data["choices"]:
-            _drop_unasked(c)
-        return JSONResponse(data)
+        return _json_response(resp)
 
     def stream_completion(self, req: P.CompletionRequest, run: _Run, prompts: list[list[int]],
                           echo_text: list[str] | None) -> AsyncIterator[str]:
@@ -585,10 +600,7 @@ class Handlers:
         usage = self.finish(run, choices.values())
         resp = P.ChatCompletionResponse(id=run.rid, model=req.model, choices=out_choices,
                                         usage=usage, eft=run.knobs)
-        data = resp.model_dump(mode="json")
-        for c in data["choices"]:
-            _drop_unasked(c)
-        return JSONResponse(data)
+        return _json_response(resp)
 
     def stream_chat(self, req: P.ChatCompletionRequest, run: _Run, k: int | None
                     ) -> AsyncIterator[str]:

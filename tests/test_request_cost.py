@@ -142,3 +142,18 @@ def test_response_size_estimate_bounds_the_real_size(server, stream):
     estimate = shape.estimate([len(p) for p in prompts])
     assert raw <= estimate, (raw, estimate)
     assert raw > estimate / 8, (raw, estimate)  # and not a wild over-estimate
+
+
+def test_a_large_allowed_response_does_not_stall_others(server):
+    # Within --max-response-bytes but a few MB of logprobs and traces: built off the event loop
+    # and serialized a choice at a time, so /health and a running stream go on meanwhile.
+    body = {"model": "tiny", "prompt": [[7] * 255] * 8, "max_tokens": 0, "echo": True,
+            "logprobs": 20, "eft": {"trace": True}}
+    with Watch(server.url) as watch:
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.content) > 1 << 20
+    choices = r.json()["choices"]
+    assert len(choices) == 8 and all(len(c["logprobs"]["tokens"]) == 255 for c in choices)
+    assert watch.health_s < 1.0, f"/health took {watch.health_s:.2f}s"
+    assert watch.gap_s < 1.0, f"a stream waited {watch.gap_s:.2f}s for a token"
