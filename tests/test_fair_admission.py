@@ -99,26 +99,34 @@ def test_queue_counts_sequences_and_one_request_may_hold_a_share(tiny_family):
 async def test_three_large_requests_leave_room_for_a_fourth_client(tiny_family, serve_app,
                                                                    one_torch_thread):
     # The issue's case: three copies of 64 one-token prompts used to fill a 128-request queue
-    # (counted per request, checked once per request) and lock every other client out.
+    # (counted per request, checked once per request) and lock every other client out; in
+    # FIFO order a later request also waited for all 192 prompts ahead of it.
     cfg = dataclasses.replace(EngineConfig(), max_batch_size=16, max_waiting=256)
     async with serve_app(tiny_family, cfg, ServerSettings()) as s:
+
+        def finished() -> float:
+            return s.metrics.registry.get_sample_value(
+                "eft_request_success_total", {"finished_reason": "length"}) or 0.0
+
         big = {"model": "tiny", "prompt": [[5]] * 64, "max_tokens": 8, "ignore_eos": True}
         copies = [asyncio.ensure_future(s.client.post("/v1/completions", json=big))
                   for _ in range(3)]
-        await asyncio.sleep(0.3)
-        t0 = time.monotonic()
-        r = await s.client.post("/v1/completions",
-                                json={"model": "tiny", "prompt": "hello", "max_tokens": 2})
-        fourth_s = time.monotonic() - t0
+        deadline = time.monotonic() + 30
+        while s.engine.num_waiting < 150:  # most of the 192 sequences queued
+            assert time.monotonic() < deadline, s.engine.num_waiting
+            await asyncio.sleep(0.005)
+        before = finished()
+        r = await s.client.post("/v1/completions", json={
+            "model": "tiny", "prompt": "hello", "max_tokens": 2, "ignore_eos": True})
         assert r.status_code == 200, r.text
-        done = [c for c in copies if c.done()]
+        ahead = finished() - before - 1  # the copies' sequences finished before the fourth's
         results = await asyncio.gather(*copies)
         assert [x.status_code for x in results] == [200, 200, 200]
-        # Taking turns, the fourth is served before the three copies are all through.
-        assert len(done) < 3, f"fourth answered after {fourth_s:.1f}s, when all copies were done"
+        # Taking turns, the fourth is admitted within a round of the copies' prompts; in FIFO
+        # order at least 150 - 16 of theirs would have finished first.
+        assert ahead < 96, ahead
         # A fourth copy would still fit; a request over the share is refused up front.
-        r = await s.client.post("/v1/completions", json={**big, "prompt": [[5]] * 64, "n": 2})
+        r = await s.client.post("/v1/completions", json={**big, "n": 2})
         assert r.status_code == 400
         assert "--max-seqs-per-request" in r.json()["error"]["message"]
         assert r.json()["error"]["code"] == "too_many_sequences"
-
