@@ -233,8 +233,10 @@ def main(argv: list[str] | None = None) -> int:
 
         with tempfile.TemporaryDirectory(prefix="eft-fuzz-") as tmp:
             config = args.config or small_family(Path(tmp) / "family")
-            # A small --max-response-bytes: the 64-token context cannot ask for 64 MiB.
+            # A small --max-response-bytes: the 64-token context cannot ask for 64 MiB; one
+            # request may take half the queue.
             with ServerProcess(config, "--threads", "1", "--max-waiting", "64",
+                               "--max-seqs-per-request", "32",
                                "--max-response-bytes", str(1 << 20)) as srv:
                 result = fuzz(srv.url)
     summary = result.summary()

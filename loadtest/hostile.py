@@ -11,10 +11,13 @@ the same limits on the demo family, a 64-token fuzz family or a real model.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -143,4 +146,53 @@ def run(url: str, headers: dict[str, str] | None = None) -> list[dict[str, Any]]
                 failures.append({"operation": f"POST {case.path}", "mode": f"hostile {case.name}",
                                  "status": r.status_code, "body": case.name,
                                  "response": r.text[:300], "error": why})
+    for name, why in (("lockout", lockout(url, model, headers)),
+                      ("oversized-head", oversized_head(url))):
+        if why is not None:
+            failures.append({"operation": "POST /v1/completions", "mode": f"hostile {name}",
+                             "status": None, "body": name, "response": "", "error": why})
     return failures
+
+
+def lockout(url: str, model: str, headers: dict[str, str] | None = None) -> str | None:
+    """Three requests of 64 prompts each must leave room for a fourth client (issue 20's 3):
+    the fourth gets a 200, not a 429. Why not, or None."""
+    big = {"model": model, "prompt": [[5]] * 64, "max_tokens": 4, "ignore_eos": True}
+    small = {"model": model, "prompt": [[5]], "max_tokens": 1}
+    with httpx.Client(timeout=120, headers=headers) as client, ThreadPoolExecutor(3) as pool:
+        copies = [pool.submit(client.post, f"{url}/v1/completions", json=big) for _ in range(3)]
+        time.sleep(0.2)
+        fourth = client.post(f"{url}/v1/completions", json=small)
+        statuses = [c.result().status_code for c in copies]
+    if fourth.status_code != 200:
+        return f"the fourth request got {fourth.status_code} behind 3 x 64 prompts ({statuses})"
+    return None
+
+
+def oversized_head(url: str, size: int = 100_000) -> str | None:
+    """A request head of `size` bytes sent in pieces: a 400 in the OpenAI shape, or why not."""
+    parts = urlsplit(url)
+    head = (f"GET /v1/models HTTP/1.1\r\nHost: {parts.hostname}\r\nAuthorization: Bearer "
+            f"{'k' * size}\r\n\r\n").encode()
+    with socket.create_connection((parts.hostname, parts.port or 80), timeout=10) as sock:
+        for i in range(0, len(head), 8192):
+            try:
+                sock.sendall(head[i:i + 8192])
+            except OSError:
+                break  # answered and closed before the rest arrived
+            time.sleep(0.005)
+        reply = b""
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    status, _, rest = reply.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+    if not status.startswith(b"HTTP/1.1 400"):
+        return f"a {size}-byte head got {status[:40]!r}"
+    try:
+        json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return f"a {size}-byte head got a 400 not in the OpenAI shape: {body[:100]!r}"
+    return None

@@ -31,7 +31,8 @@ def short_context_family(tiny_family_path, tmp_path_factory) -> Path:
 
 def test_schema_fuzzing_finds_no_5xx_and_only_documented_responses(short_context_family):
     with ServerProcess(
-        short_context_family, "--threads", "1", "--max-waiting", "64", ready_timeout=120
+        short_context_family, "--threads", "1", "--max-waiting", "64",
+        "--max-seqs-per-request", "32", ready_timeout=120
     ) as srv:
         result = run_fuzz(srv.url, CASES, seed=12)
         assert srv.proc.poll() is None, "the server died under fuzzing"
