@@ -60,6 +60,10 @@ def cases(model: str, context: int) -> list[Case]:
         Case("tokenize-more-messages-than-context", "/tokenize",
              {"messages": [{"role": "user"}] * min(context + 1, 30_000)},
              "cannot fit" if context < 30_000 else None),
+        # 1.3 M token ids (2.6 MB): validating them alone took the event loop most of a second.
+        Case("long-token-prompt", "/v1/completions", {
+            "model": model, "prompt": [7] * 1_300_000, "max_tokens": 1}, "cannot fit"),
+        Case("long-detokenize", "/detokenize", {"tokens": [7] * 1_300_000}, "cannot fit"),
         Case("echo-trace-n16", "/v1/completions", {
             "model": model, "prompt": [[7] * prompt] * 64, "max_tokens": 0, "echo": True,
             "logprobs": 20, "n": 16, "eft": {"trace": True}}, "--max-seqs-per-request"),

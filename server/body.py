@@ -31,6 +31,7 @@ MAX_VALUES = 65536
 MAX_BRACKETS = 2 * MAX_VALUES
 OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed in a worker thread
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SCALARS = {int, float, bool, type(None)}
 
 
 def check_media_type(request: Request) -> None:
@@ -105,8 +106,10 @@ def check_structure(body: Any) -> None:
     walked = 1  # values pushed so far; a container's are counted before any is pushed
     while stack:
         value, path = stack.pop()
+        walked_children = 0
         if isinstance(value, dict | list):
-            walked += _values(value)
+            walked_children = _values(value)
+            walked += walked_children
             if walked > MAX_VALUES:
                 raise bad_request(
                     f"The JSON body holds more than {MAX_VALUES} objects, arrays and strings.",
@@ -133,7 +136,7 @@ def check_structure(body: Any) -> None:
                         "A JSON key holds a lone UTF-16 surrogate.", param=_param(path)
                     )
                 stack.append((v, (*path, k)))
-        elif isinstance(value, list):
+        elif isinstance(value, list) and walked_children:
             stack.extend(
                 (v, (*path, str(i)))
                 for i, v in enumerate(value)
@@ -143,6 +146,8 @@ def check_structure(body: Any) -> None:
 
 def _values(container: dict[str, Any] | list[Any]) -> int:
     items = container.values() if isinstance(container, dict) else container
+    if _SCALARS.issuperset(map(type, items)):  # token ids: one pass in C, nothing to walk
+        return 0
     return sum(isinstance(v, str | dict | list) for v in items)
 
 

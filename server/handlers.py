@@ -39,6 +39,7 @@ from server.limits import (
     check_message_count,
     check_response_size,
     check_sequences,
+    check_token_lists,
 )
 from server.metrics import ServerMetrics
 from server.streaming import Generation, SSEResponse
@@ -464,6 +465,7 @@ class Handlers:
     # ---------------------------------------------------------------- completions
 
     async def completions(self, body: Any, arrival: float) -> Response:
+        check_token_lists(body, "prompt", self.ctx)
         req = parse(P.CompletionRequest, body)
         p = req.prompt
         count = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
@@ -641,6 +643,7 @@ class Handlers:
                                                max_model_len=self.ctx).model_dump())
 
     async def detokenize(self, body: Any, arrival: float) -> Response:
+        check_token_lists(body, "tokens", self.ctx)
         req = parse(P.DetokenizeRequest, body)
         if req.model:
             resolve_model(self.family, req.model)

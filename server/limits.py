@@ -1,10 +1,10 @@
 """What one request may cost, checked before the cost is spent.
 
-Body bytes (413) and JSON shape (`server.body`) come first; then, before any template rendering
-or tokenization, the message count against the context (every chat message renders at least one
-token, so more messages than the context holds tokens cannot fit), the sequences (prompts x n)
-against `--max-seqs-per-request`, and the text's characters against what the context can spell
-(`Handlers.check_text_size`). Once the prompts are tokenized, and before the engine sees them,
+Body bytes (413) and JSON shape (`server.body`) come first; then, before validation, the message
+count against the context (every chat message renders at least one token, so more messages
+than the context holds tokens cannot fit) and token-id lists against it; before any template
+rendering or tokenization the sequences (prompts x n) against `--max-seqs-per-request`, and the
+text's characters against what the context can spell (`Handlers.check_text_size`). Once the prompts are tokenized, and before the engine sees them,
 the response's size is estimated from prompts x n x (prompt + max_tokens) x entries per token
 (logprob alternatives, trace entries) and refused over `--max-response-bytes`: a 49 KB request
 could otherwise ask for hundreds of MB of JSON.
@@ -98,3 +98,21 @@ def check_message_count(body: object, limit: int) -> None:
             param="messages",
             code="context_length_exceeded",
         )
+
+
+def check_token_lists(body: object, field: str, limit: int) -> None:
+    """On the raw body, before validation: a list of token ids longer than the context cannot
+    fit (validating 2 M ids takes the event loop most of a second). `field` holds ids, or (for
+    `prompt`) a list of such lists."""
+    value = body.get(field) if isinstance(body, dict) else None
+    if not isinstance(value, list):
+        return
+    lists = [value] if not value or not isinstance(value[0], list) else value
+    for ids in lists:
+        if isinstance(ids, list) and len(ids) > limit:
+            raise bad_request(
+                f"{field}: {len(ids)} token ids cannot fit this model's maximum context length "
+                f"of {limit} tokens.",
+                param=field,
+                code="context_length_exceeded",
+            )
