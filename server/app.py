@@ -50,7 +50,7 @@ class ServerSettings:
     api_key: str | None = None
     allow_negative_weights: bool = False
     max_body_bytes: int = 4 * 1024 * 1024  # generous for 64 prompts, small enough to refuse abuse
-    max_response_bytes: int = 64 * 1024 * 1024  # estimated before any work (server.limits)
+    max_response_bytes: int = 16 * 1024 * 1024  # estimated before any work (server.limits)
     retry_after_s: int = 1
     read_timeout_s: float = 30.0  # a request body must arrive within this (else 408)
     sse_ping_s: float = 15.0  # comment pings on a stream that has sent nothing for this long

@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-response-bytes",
         type=int,
-        default=64 * 1024 * 1024,
+        default=16 * 1024 * 1024,
         help="largest response a request may ask for, estimated before any work from "
         "prompts x n x tokens x logprob/trace entries; larger asks get 400",
     )

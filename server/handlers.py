@@ -192,7 +192,7 @@ class Handlers:
 
     def __init__(self, engine: Any, family: Any, metrics: ServerMetrics,
                  allow_negative_weights: bool = False, sse_ping_s: float = 15.0,
-                 max_response_bytes: int = 64 * 1024 * 1024):
+                 max_response_bytes: int = 16 * 1024 * 1024):
         self.engine = engine
         self.sse_ping_s = sse_ping_s
         self.open: set[Generation] = set()  # runs not yet closed: what a shutdown must end
