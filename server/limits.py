@@ -4,10 +4,11 @@ Body bytes (413) and JSON shape (`server.body`) come first; then, before validat
 count against the context (every chat message renders at least one token, so more messages
 than the context holds tokens cannot fit) and token-id lists against it; before any template
 rendering or tokenization the sequences (prompts x n) against `--max-seqs-per-request`, and the
-text's characters against what the context can spell (`Handlers.check_text_size`). Once the prompts are tokenized, and before the engine sees them,
-the response's size is estimated from prompts x n x (prompt + max_tokens) x entries per token
-(logprob alternatives, trace entries) and refused over `--max-response-bytes`: a 49 KB request
-could otherwise ask for hundreds of MB of JSON.
+text's characters against what the context can spell (`Handlers.check_text_size`). Once the
+prompts are tokenized, and before the engine sees them, the response's size is estimated from
+prompts x n x (prompt + max_tokens) x entries per token (logprob alternatives, trace entries)
+and refused over `--max-response-bytes`: a 49 KB request could otherwise ask for hundreds of MB
+of JSON.
 
 The byte figures below are a typical entry's size on the wire (a token, a float written in full,
 JSON punctuation), on the high side, so that the estimate bounds the real size in practice.
