@@ -8,7 +8,11 @@ from dataclasses import dataclass
 @dataclass
 class EngineConfig:
     max_batch_size: int = 32  # rows decoding together (n siblings count separately); KV slots
-    max_waiting: int = 256  # requests queued for admission; beyond it submit() refuses
+    # Sequences (prompts x n) queued for admission; beyond it submit() refuses (429).
+    max_waiting: int = 256
+    # Sequences one request may bring (prompts x n): more is refused (400) at submit, so that no
+    # single request can fill the queue and lock the other clients out.
+    max_seqs_per_request: int = 64
     # Tokens one step may process: one per decoding row, the rest for prompt chunks
     # (vLLM's max_num_batched_tokens).
     max_num_batched_tokens: int = 512

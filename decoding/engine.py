@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +90,8 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._inbox: list[Submit | Cancel] = []
-        self._num_waiting = 0
+        self._num_waiting = 0  # sequences (prompts x n) submitted and not yet admitted
+        self._units = 0  # admission units submitted so far (the fair queue's request key)
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._dead: str | None = None
@@ -164,6 +165,13 @@ class Engine:
         return self._num_waiting
 
     @property
+    def max_seqs_per_request(self) -> int:
+        """Sequences one request may bring: its share, and never more than the queue (or a
+        free batch) could ever take, which would leave it refused with 429 forever."""
+        cfg = self.config
+        return min(cfg.max_seqs_per_request, max(cfg.max_waiting, cfg.max_batch_size))
+
+    @property
     def dead(self) -> str | None:
         """Why the step loop is gone (crashed or shut down), or None while it can serve."""
         if self._dead:
@@ -198,20 +206,35 @@ class Engine:
 
     def submit_all(self, reqs: list[GenerationRequest]) -> list[AsyncIterator[SequenceOutput]]:
         """Queue several requests as one admission unit (one HTTP request's prompts): all of
-        them or none. The queue bound is checked once per unit (a 5-prompt request is not refused
-        for having more prompts than `max_waiting`), and nothing is refused while a batch slot
-        is free."""
+        them or none. The queue is counted in sequences (prompts x n): a unit may bring at most
+        `max_seqs_per_request` of them (more is a RequestValidationError, it could never be
+        queued fairly) and is refused (QueueFullError) when the queue cannot take them all,
+        unless batch rows are free for them right away."""
         if self._dead or self._stopping:
             raise EngineDeadError(self._dead or "the engine is shutting down")
+        cfg = self.config
+        seqs = sum(r.params.n for r in reqs)
+        if seqs > self.max_seqs_per_request:
+            raise RequestValidationError(
+                f"this request asks for {seqs} sequences ({len(reqs)} prompt(s) x n); one "
+                f"request may have at most {self.max_seqs_per_request} "
+                "(--max-seqs-per-request, within --max-waiting)",
+                param="n",
+            )
         states = [self._validate(req) for req in reqs]
         with self._lock:
-            full = self._num_waiting >= self.config.max_waiting
-            slot_free = self.scheduler.num_running + self._num_waiting < self.config.max_batch_size
-            if full and not slot_free:
+            waiting = self._num_waiting
+            fits = waiting + seqs <= cfg.max_waiting
+            rows_free = self.scheduler.rows_reserved() + waiting + seqs <= cfg.max_batch_size
+            if not fits and not rows_free:
                 raise QueueFullError(
-                    f"the server is at capacity ({self.config.max_waiting} requests waiting)"
+                    f"the waiting queue holds {waiting} of {cfg.max_waiting} sequences "
+                    f"(--max-waiting) and this request needs {seqs}"
                 )
-            self._num_waiting += len(states)
+            self._units += 1
+            for state in states:
+                state.unit = self._units
+            self._num_waiting += seqs
             self._inbox.extend(Submit(state) for state in states)
         self._wake.set()
         self.start()
@@ -352,7 +375,7 @@ class Engine:
         together), sample, post-process, deliver."""
         t_start = time.perf_counter()
         plan, admitted = self.scheduler.schedule()
-        self._dequeued(len(admitted) - len(plan.preempted))
+        self._dequeued(_seqs(admitted) - _seqs(plan.preempted))
         stats = StepStats(
             batch_size=0,
             num_running=0,
@@ -707,7 +730,7 @@ class Engine:
         sched = self.scheduler
         for state in [s for s in sched.waiting if s.rid in rids]:
             sched.waiting.remove(state)
-            self._dequeued(1)
+            self._dequeued(state.params.n)
             events += self._end_unfinished(state, "abort")
             self._free_targets(state)
         for state in [s for s in sched.prefilling if s.rid in rids]:
@@ -734,7 +757,7 @@ class Engine:
         for seq in sched.running:
             events.append((seq.request, seq.finish(reason, message)))
         if not keep_waiting:
-            self._dequeued(len(sched.waiting))
+            self._dequeued(_seqs(sched.waiting))
             sched.waiting.clear()
         self._deliver(events)
         # The rows' state may be what broke: start over with empty pools.
@@ -773,7 +796,7 @@ class Engine:
     # ---------------------------------------------------------------- reporting
 
     def _dequeued(self, count: int) -> None:
-        """Requests left the waiting queue (a negative count: preempted ones came back)."""
+        """Sequences left the waiting queue (a negative count: preempted ones came back)."""
         if count:
             with self._lock:
                 self._num_waiting -= count
@@ -824,6 +847,11 @@ class Engine:
 def _put_all(items: list[tuple[asyncio.Queue, SequenceOutput]]) -> None:
     for queue, out in items:
         queue.put_nowait(out)
+
+
+def _seqs(states: Iterable[RequestState]) -> int:
+    """Sequences of these requests, as the waiting queue counts them."""
+    return sum(s.params.n for s in states)
 
 
 def release_freed_memory() -> None:

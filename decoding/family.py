@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from transformers import PreTrainedTokenizerBase
 
 from . import loading
+from .chat import chat_ids
 from .errors import FamilyError
 from .loading import DTYPES, Checkpoint, LoadedModel
 
@@ -207,21 +208,26 @@ class Family:
 
 
 def render_chat(model: LoadedModel, messages: list[dict[str, Any]]) -> list[int]:
+    """A chat's prompt ids with this model's template; message content is tokenized as text
+    (a special token's text in it is not the special token: `decoding.chat`)."""
     tok = model.tokenizer
     template = model.chat_template
     if template == "tokenizer" and not tok.chat_template:
         template = "plain"
     if template == "plain":
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        text = "\n".join(lines) + "\nAssistant:"
-        return tok.encode(text, add_special_tokens=True)
+
+        def plain(msgs: list[dict[str, Any]]) -> str:
+            lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
+            return "\n".join(lines) + "\nAssistant:"
+
+        return chat_ids(tok, plain, messages, add_special_tokens=True)
     kwargs: dict[str, Any] = {} if template == "tokenizer" else {"chat_template": template}
-    out = tok.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=True, return_dict=False, **kwargs
-    )
-    if isinstance(out, dict) or hasattr(out, "input_ids"):
-        out = out["input_ids"]
-    return list(out)
+
+    def jinja(msgs: list[dict[str, Any]]) -> str:
+        # What apply_chat_template(tokenize=True) tokenizes, without special tokens added.
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **kwargs)
+
+    return chat_ids(tok, jinja, messages, add_special_tokens=False)
 
 
 def load_family(

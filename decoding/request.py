@@ -96,6 +96,8 @@ class GenerationRequest:
     prompt_ids: dict[str, list[int]]
     composition: Composition
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Who sent it (e.g. the peer address): the waiting queue takes turns between clients.
+    client: str | None = None
 
 
 @dataclass
@@ -159,7 +161,7 @@ class StepStats:
 
     batch_size: int  # rows that produced a token this step
     num_running: int  # requests with rows in the batch after the step
-    num_waiting: int  # requests queued for admission after the step
+    num_waiting: int  # sequences (prompts x n) queued for admission after the step
     prompt_tokens: int = 0  # prompt tokens prefilled this step (per request, longest model's)
     generated_tokens: int = 0
     step_seconds: float = 0.0

@@ -60,6 +60,7 @@ class RequestState:
     # each row's `draft_slot` there (outside the composition) is filled at its first block.
     draft: str | None = None
     resumed: list[Sequence] = field(default_factory=list)  # rows preempted, to continue
+    unit: int = 0  # its admission unit (one HTTP request's prompts): the queue's turns
 
     def __post_init__(self) -> None:
         if not self.targets:

@@ -8,7 +8,10 @@ the schema, both valid ones (`positive`: the model id is mostly one the server s
 cases reach generation) and invalid ones (`negative`), with a fixed seed. Each response must
 pass: no 5xx, a status the schema lists, a content type it lists, a body and headers that match
 its schema, and for every error the OpenAI shape `{"error": {"message", "type", "param",
-"code"}}`. Prints the cases, statuses and failures; exits 1 on any failure.
+"code"}}`. Then the hostile cases of `loadtest.hostile` (bodies that cost far more than their
+size) must each be answered within 2 s, with a 200 or a 400 naming the limit, while `/health`
+answers within 1 s (`--no-hostile` skips them). Prints the cases, statuses and failures; exits
+1 on any failure.
 
 Without `--url` it builds a tiny random family with a 64-token context (so a generated
 `max_tokens` cannot make one case run for long) and serves it with `eft-serve`.
@@ -207,20 +210,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the generated cases")
     p.add_argument("--api-key", default=None, help="sent as Authorization: Bearer KEY")
     p.add_argument("--json", default=None, help="write the summary here")
+    p.add_argument("--no-hostile", action="store_true", help="skip the hostile cases")
     args = p.parse_args(argv)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     print(
         "reproduce: python -m loadtest.fuzz " + " ".join(argv if argv is not None else sys.argv[1:])
     )
+    def fuzz(url: str) -> FuzzResult:
+        result = run_fuzz(url, args.cases, args.seed, headers)
+        if not args.no_hostile:
+            from loadtest import hostile
+
+            bad = hostile.run(url, headers)
+            result.failures += bad
+            result.cases += len(hostile.cases("m", 64))
+        return result
+
     if args.url:
-        result = run_fuzz(args.url, args.cases, args.seed, headers)
+        result = fuzz(args.url)
     else:
         from server.process import ServerProcess
 
         with tempfile.TemporaryDirectory(prefix="eft-fuzz-") as tmp:
             config = args.config or small_family(Path(tmp) / "family")
-            with ServerProcess(config, "--threads", "1", "--max-waiting", "64") as srv:
-                result = run_fuzz(srv.url, args.cases, args.seed, headers)
+            # A small --max-response-bytes: the 64-token context cannot ask for 64 MiB; one
+            # request may take half the queue.
+            with ServerProcess(config, "--threads", "1", "--max-waiting", "64",
+                               "--max-seqs-per-request", "32",
+                               "--max-response-bytes", str(1 << 20)) as srv:
+                result = fuzz(srv.url)
     summary = result.summary()
     print(
         f"{summary['cases']} cases in {summary['seconds']} s; statuses "

@@ -6,9 +6,12 @@
 It starts `eft-serve` itself (it needs the process: its memory, and the signal at the end) and
 keeps 8-16 clients busy (the number changes every few seconds) with mixed requests: completions
 and chat, streamed or not, n 1-2, random knobs and sampling settings, and about one in seven
-clients leaving early (mid-stream, or before a plain answer). At the end it sends SIGTERM while
-requests are in flight. It prints the requests, the failures by reason, and the server's RSS at
-start (after a warm-up), end and max, and exits 1 on
+clients leaving early (mid-stream, or before a plain answer). About one request in
+`1 / HOSTILE_RATE` is one of `loadtest.hostile`'s (4 MB of empty messages, a 64-prompt x n=16
+logprob bomb, ...): each must be answered within `HOSTILE_ANSWER_S` (the load shares the
+cores) with a 200, a 429 or a 400 naming its limit. At the
+end it sends SIGTERM while requests are in flight. It prints the requests, the failures by
+reason, and the server's RSS at start (after a warm-up), end and max, and exits 1 on
 
 - a leak: RSS at the end of the load more than 5% above the start,
 - a lost request: a response that is neither complete nor a proper HTTP/OpenAI error (a stream
@@ -33,11 +36,14 @@ from typing import Any
 import httpx
 import psutil
 
+from loadtest import hostile
 from server.process import ServerProcess
 
 WARMUP_FRACTION = 0.1  # RSS "start" is read after this part of the run (caches filled)
 LEAK_RATIO = 0.05
 SHUTDOWN_TIMEOUT_S = 5.0
+HOSTILE_RATE = 0.03
+HOSTILE_ANSWER_S = 8.0
 WORDS = (
     "the river runs past the old mill where we kept the boats in winter and the children "
     "learned to row before the ice came down from the hills"
@@ -50,6 +56,7 @@ class Soak:
     rng: random.Random
     request_timeout: float
     model: str = ""
+    context: int = 0
     experts: list[str] = field(default_factory=list)
     outcomes: Counter[str] = field(default_factory=Counter)
     failures: Counter[str] = field(default_factory=Counter)
@@ -83,6 +90,9 @@ class Soak:
             self.examples.append(f"{reason}: {detail[:200]}")
 
     async def one(self, client: httpx.AsyncClient) -> None:
+        if self.rng.random() < HOSTILE_RATE:
+            await self.hostile(client)
+            return
         path, body = self.body()
         leave = self.rng.random() < 0.15  # a client that goes away early
         try:
@@ -130,6 +140,24 @@ class Soak:
             else:
                 self.outcomes["ok"] += 1
 
+    async def hostile(self, client: httpx.AsyncClient) -> None:
+        case = self.rng.choice(hostile.cases(self.model, self.context))
+        t = time.monotonic()
+        try:
+            r = await client.post(self.url + case.path, content=case.raw(),
+                                  headers={"content-type": "application/json"})
+        except httpx.HTTPError as exc:
+            self.fail("lost", f"hostile {case.name}: {type(exc).__name__}: {exc}")
+            return
+        took = time.monotonic() - t
+        why = None
+        if r.status_code != 429:  # the queue is full: backpressure, a proper answer
+            why = hostile.check(case, r.status_code, r.content, took, HOSTILE_ANSWER_S)
+        if why is None:
+            self.outcomes[f"hostile {r.status_code}"] += 1
+        else:
+            self.fail("hostile", f"{case.name}: {why}")
+
     def _status(self, status: int, text: str) -> None:
         if status == 200:
             self.outcomes["ok"] += 1
@@ -168,6 +196,7 @@ async def soak(
     async with httpx.AsyncClient(timeout=request_timeout, limits=limits) as client:
         models = (await client.get(f"{srv.url}/v1/models")).json()["data"]
         state.model = models[0]["id"]
+        state.context = int(models[0]["max_model_len"])
         state.experts = list(models[0]["eft"]["experts"])
         rss: list[tuple[float, int]] = []
         stop = asyncio.Event()

@@ -34,9 +34,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server import openapi
 from server import protocol as P
-from server.body import check_media_type, parse_json, read_body
+from server.body import check_media_type, parse_json_off_loop, read_body
 from server.errors import ApiError, bad_request
-from server.handlers import Handlers
+from server.handlers import Handlers, client
 from server.knobs import single_model_ids
 from server.metrics import ServerMetrics
 from server.streaming import ClientGone, engine_error, race_disconnect
@@ -50,6 +50,7 @@ class ServerSettings:
     api_key: str | None = None
     allow_negative_weights: bool = False
     max_body_bytes: int = 4 * 1024 * 1024  # generous for 64 prompts, small enough to refuse abuse
+    max_response_bytes: int = 16 * 1024 * 1024  # estimated before any work (server.limits)
     retry_after_s: int = 1
     read_timeout_s: float = 30.0  # a request body must arrive within this (else 408)
     sse_ping_s: float = 15.0  # comment pings on a stream that has sent nothing for this long
@@ -158,7 +159,8 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
     metrics.bind_engine(lambda: engine.num_running, lambda: engine.num_waiting,
                         lambda: bool(getattr(engine, "ready", False)))
     handlers = Handlers(engine, family, metrics, settings.allow_negative_weights,
-                        sse_ping_s=settings.sse_ping_s)
+                        sse_ping_s=settings.sse_ping_s,
+                        max_response_bytes=settings.max_response_bytes)
     ctx = handlers.ctx
     state: dict[str, Any] = {"shutting_down": False, "warmup_error": None}
 
@@ -190,10 +192,10 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
     app.state.metrics = metrics
     app.state.settings = settings
 
-    def end_open_requests() -> None:
+    def end_open_requests(why: str | None = None) -> None:
         n = handlers.end_open_requests()
-        log.warning("shutdown timeout (%g s) passed: ended %d open request(s) with a 503 or a "
-                    "final error chunk", settings.shutdown_timeout_s, n)
+        why = why or f"shutdown timeout ({settings.shutdown_timeout_s:g} s) passed"
+        log.warning("%s: ended %d open request(s) with a 503 or a final error chunk", why, n)
 
     def begin_drain() -> None:
         # Called from the SIGTERM handler: /ready turns 503 at once (load balancers stop
@@ -208,7 +210,16 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
             loop.call_soon_threadsafe(loop.call_later, settings.shutdown_timeout_s,
                                       end_open_requests)
 
+    def end_now() -> None:
+        # A second Ctrl-C: end every open request at once, each in its proper shape (a stream
+        # with an error chunk and [DONE], a non-streamed request with a 503), rather than cut.
+        state["shutting_down"] = True
+        loop = state.get("loop")
+        if loop is not None:
+            loop.call_soon_threadsafe(end_open_requests, "second SIGINT")
+
     app.state.begin_drain = begin_drain
+    app.state.end_now = end_now
     if settings.api_key:
         app.add_middleware(BearerAuth, api_key=settings.api_key,
                            on_fail=lambda: metrics.failure("unauthorized"))
@@ -244,8 +255,10 @@ def create_app(engine: Any, family: Any, settings: ServerSettings | None = None,
                 raise ApiError(503, "The server is shutting down.", type="service_unavailable",
                                reason="unavailable")
             check_media_type(request)
-            body = parse_json(await read_body(request, settings.max_body_bytes,
-                                              settings.read_timeout_s))
+            raw = await read_body(request, settings.max_body_bytes, settings.read_timeout_s)
+            body = await parse_json_off_loop(raw)
+            del raw  # a 4 MB body need not live as long as its generation
+            client.set(request.client.host if request.client else None)
             return await race_disconnect(request, work(body, arrival))
         except ApiError as exc:
             log.debug("%s refused: %d %s", request.url.path, exc.status, exc.message[:200])

@@ -4,7 +4,8 @@ With no `--config` it serves the embedded demo family (`demo/family/family.yaml`
 installed `demo` package) on 127.0.0.1:8000; `--model PATH` serves one model alone.
 SIGTERM/SIGINT: uvicorn stops accepting connections, in-flight requests get
 `--shutdown-timeout` seconds to finish, then the lifespan shuts the engine down (aborting
-what is left) and the process exits 0.
+what is left) and the process exits 0. A second SIGINT ends every open request at once (a
+stream with an error chunk and [DONE], another request with a 503) and the process exits 130.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from decimal import Decimal
 from pathlib import Path
@@ -26,6 +28,7 @@ from server.version import package_version
 log = logging.getLogger("eft_serve")
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+FORCE_GRACE_S = 2.0  # after a second SIGINT: for the ended requests' last bytes to go out
 
 
 def default_config() -> Path:
@@ -169,8 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-waiting",
         type=int,
-        default=128,
-        help="requests queued for a batch slot; beyond it requests get 429",
+        default=256,
+        help="sequences (prompts x n) queued for a batch row; a request that does not fit "
+        "gets 429",
+    )
+    p.add_argument(
+        "--max-seqs-per-request",
+        type=int,
+        default=64,
+        help="sequences (prompts x n) one request may ask for; more is a 400. Keep it well "
+        "below --max-waiting so that no single request can fill the queue",
     )
     p.add_argument(
         "--speculative",
@@ -261,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest accepted request body; larger ones get 413",
     )
     p.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="largest response a request may ask for, estimated before any work from "
+        "prompts x n x tokens x logprob/trace entries; larger asks get 400",
+    )
+    p.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -289,6 +307,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     cfg = EngineConfig(
         max_batch_size=args.max_batch_size,
         max_waiting=args.max_waiting,
+        max_seqs_per_request=args.max_seqs_per_request,
         speculative=args.speculative,
         prefill_share=max(0.0, args.prefill_share),
         kv_cache_memory=args.kv_cache_memory,
@@ -302,16 +321,30 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return cfg
 
 
-def _server_class(on_drain: Callable[[], None]) -> type:
+def _server_class(on_drain: Callable[[], None], on_force: Callable[[], None] | None = None
+                  ) -> type:
     import uvicorn
 
     class Server(uvicorn.Server):
         """uvicorn re-raises a captured SIGTERM/SIGINT after its graceful shutdown, so the
-        process would die of the signal (exit -15); a clean drain must exit 0."""
+        process would die of the signal (exit -15); a clean drain must exit 0. A second SIGINT
+        ends every open request now (`on_force`: error chunk + [DONE], or a 503), gives their
+        last bytes `FORCE_GRACE_S` to go out, then stops waiting; the exit code is then 130."""
+
+        forced = False
 
         def handle_exit(self, sig: int, frame: object) -> None:
             if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True  # a second Ctrl-C stops waiting for in-flight requests
+                if self.forced:
+                    self.force_exit = True  # a third one stops waiting at once
+                    return
+                self.forced = True
+                log.warning("second SIGINT: ending open requests now")
+                if on_force is not None:
+                    on_force()
+                timer = threading.Timer(FORCE_GRACE_S, setattr, (self, "force_exit", True))
+                timer.daemon = True
+                timer.start()
             else:
                 log.info("received %s: draining in-flight requests", signal.Signals(sig).name)
                 on_drain()
@@ -333,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     if (
         args.max_batch_size < 1
         or args.max_waiting < 0
+        or args.max_seqs_per_request < 1
+        or args.max_response_bytes < 1
         or (args.threads is not None and args.threads < 1)
     ):
         print(
-            "eft-serve: --max-batch-size and --threads must be >= 1, --max-waiting >= 0",
+            "eft-serve: --max-batch-size, --max-seqs-per-request, --max-response-bytes and "
+            "--threads must be >= 1, --max-waiting >= 0",
             file=sys.stderr,
         )
         return 2
@@ -411,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key or None,
         allow_negative_weights=args.allow_negative_weights,
         max_body_bytes=args.max_body_bytes,
+        max_response_bytes=args.max_response_bytes,
         read_timeout_s=args.read_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
         cors_origins=[o.strip() for o in args.allowed_origins.split(",") if o.strip()],
@@ -452,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from server.connections import bounded_protocol
 
-    server = _server_class(app.state.begin_drain)(
+    server = _server_class(app.state.begin_drain, app.state.end_now)(
         uvicorn.Config(
             app,
             host=args.host,
@@ -470,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     server.run()  # handles SIGINT/SIGTERM: stop accepting, drain, lifespan shutdown
     if not server.started:
         return 1  # e.g. the port was taken; uvicorn has logged why
+    if server.forced:
+        log.warning("eft-serve stopped by a second SIGINT")
+        return 130  # as a shell reports a process ended by Ctrl-C
     log.info("eft-serve stopped")
     return 0
 

@@ -10,6 +10,7 @@ chunk, `[DONE]`, the aborted-request metric) are shared below.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import time
 import uuid
@@ -35,6 +36,13 @@ from server import logprobs as LP
 from server import protocol as P
 from server.errors import ApiError, bad_request, from_validation_error
 from server.knobs import build_composition, resolve_model
+from server.limits import (
+    ResponseShape,
+    check_message_count,
+    check_response_size,
+    check_sequences,
+    check_token_lists,
+)
 from server.metrics import ServerMetrics
 from server.streaming import Generation, SSEResponse
 from server.tokens import TokenText
@@ -42,7 +50,13 @@ from server.trace import TraceFormatter
 
 _DONE = "data: [DONE]\n\n"
 GRAMMAR_TIMEOUT_S = 10.0  # a structured-output format must compile within this
+# The peer that sent the request being handled (set by server.app): the engine's waiting queue
+# takes turns between clients.
+client: contextvars.ContextVar[str | None] = contextvars.ContextVar("client", default=None)
 M = TypeVar("M", bound=BaseModel)
+OFF_LOOP_CHARS = 8192  # texts (and chats) larger than this are tokenized in a worker thread
+OFF_LOOP_RESPONSE_BYTES = 1 << 20  # responses estimated larger are built in a worker thread
+MESSAGE_CHARS = 32  # what a message costs a template to render, counted as this many characters
 
 
 def parse(model: type[M], obj: Any) -> M:
@@ -73,6 +87,24 @@ def _stream_chunk(chunk: BaseModel, include_usage: bool) -> str:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
         _drop_unasked(choice)
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _json_response(resp: P.CompletionResponse | P.ChatCompletionResponse) -> Response:
+    """The response's JSON, serialized a choice at a time: one json.dumps of a response of many
+    MB holds the GIL (and so the event loop, even from a worker thread) for its whole length."""
+    head = resp.model_dump(mode="json", exclude={"choices"})
+    choices = []
+    for choice in resp.choices:
+        data = choice.model_dump(mode="json")
+        _drop_unasked(data)
+        choices.append(_dumps(data))
+    body = _dumps(head)[:-1] + ',"choices":[' + ",".join(choices) + "]}"
+    return Response(body.encode(), media_type="application/json")
+
+
+def _dumps(obj: Any) -> str:
+    # As starlette's JSONResponse writes it.
+    return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
 def _drop_unasked(choice: dict[str, Any]) -> None:
@@ -162,7 +194,8 @@ class Handlers:
     """Completions, chat, tokenize and detokenize for one engine and family."""
 
     def __init__(self, engine: Any, family: Any, metrics: ServerMetrics,
-                 allow_negative_weights: bool = False, sse_ping_s: float = 15.0):
+                 allow_negative_weights: bool = False, sse_ping_s: float = 15.0,
+                 max_response_bytes: int = 16 * 1024 * 1024):
         self.engine = engine
         self.sse_ping_s = sse_ping_s
         self.open: set[Generation] = set()  # runs not yet closed: what a shutdown must end
@@ -181,6 +214,8 @@ class Handlers:
         self.max_text_chars = self.ctx * max(longest_piece, 1)
         self._big_text = asyncio.Semaphore(1)  # one large tokenization at a time
         self._compiling = asyncio.Semaphore(1)  # one grammar compile at a time
+        self.max_response_bytes = max_response_bytes
+        self.max_seqs = int(getattr(engine, "max_seqs_per_request", 1 << 30))
 
     # ---------------------------------------------------------------- request -> engine
 
@@ -270,7 +305,7 @@ class Handlers:
         # /health) on the event loop, and several at once must not take every core from the
         # engine: they run in a thread, one at a time. Small inputs stay inline (a thread hop
         # costs more than they do).
-        if size > 8192:
+        if size > OFF_LOOP_CHARS:
             async with self._big_text:
                 return await asyncio.to_thread(fn, *args, **kw)
         return fn(*args, **kw)
@@ -305,10 +340,11 @@ class Handlers:
             msgs = [{"role": m.role, "content": m.text()} for m in messages]
         except ValueError as exc:
             raise bad_request(f"messages: {exc}", param="messages") from exc
-        self.check_text_size(sum(len(m["content"]) for m in msgs), "messages")
+        chars = sum(len(m["content"]) for m in msgs)
+        self.check_text_size(chars, "messages")
         try:
             return await self.off_loop(self.family.render_chat, msgs,
-                                       size=sum(len(m["content"]) for m in msgs))
+                                       size=chars + MESSAGE_CHARS * len(msgs))
         except Exception as exc:  # a template that raises on this conversation is a 400
             raise bad_request(f"messages: the chat template failed: {exc}",
                               param="messages") from exc
@@ -321,8 +357,9 @@ class Handlers:
               prompts: list[dict[str, list[int]]], comp: Composition, params: SamplingParams,
               t0: float, prompt_tokens: int) -> _Run:
         """Submit one engine request per prompt (refusals raise here, before any response)."""
+        who = client.get()
         reqs = [GenerationRequest(request_id=rid if len(prompts) == 1 else f"{rid}-{i}",
-                                  prompt_ids=p, composition=comp, params=params)
+                                  prompt_ids=p, composition=comp, params=params, client=who)
                 for i, p in enumerate(prompts)]
         if self.ended:
             raise _shutting_down()
@@ -445,10 +482,21 @@ class Handlers:
             gen.abort(_shutting_down())
         return len(runs)
 
+    async def respond(self, size: int, build: Callable[..., Response], *args: Any) -> Response:
+        # Building a response of many MB (logprobs, traces) takes seconds of Python: a large
+        # one is built in a worker thread, so that /health and running streams go on meanwhile.
+        if size > OFF_LOOP_RESPONSE_BYTES:
+            return await asyncio.to_thread(build, *args)
+        return build(*args)
+
     # ---------------------------------------------------------------- completions
 
     async def completions(self, body: Any, arrival: float) -> Response:
+        check_token_lists(body, "prompt", self.ctx)
         req = parse(P.CompletionRequest, body)
+        p = req.prompt
+        count = len(p) if isinstance(p, list) and p and not isinstance(p[0], int) else 1
+        check_sequences(count, req.n, self.max_seqs)
         comp = self.composition(req)
         prompts = await self.completion_prompts(req)
         models = self.family.models
@@ -459,6 +507,10 @@ class Handlers:
         params = self.sampling(req, max_tokens, req.logprobs,
                                req.logprobs if scoring else req.prompt_logprobs,
                                await self.grammar(req))
+        shape = ResponseShape(n=req.n, max_tokens=max_tokens, stream=req.stream, echo=req.echo,
+                              logprobs=req.logprobs, prompt_logprobs=params.prompt_logprobs,
+                              trace=params.trace, trace_models=len(comp.coeffs))
+        size = check_response_size(shape, [len(ids) for ids in prompts], self.max_response_bytes)
         per_model = [{m: ids for m in models} for ids in prompts]
         run = self.start(new_id("cmpl"), req, per_model, comp, params, arrival,
                          prompt_tokens=sum(len(p) for p in prompts))
@@ -469,6 +521,13 @@ class Handlers:
             return SSEResponse(self.stream_completion(req, run, prompts, echo_text),
                                on_close=lambda: self.close(run), ping_s=self.sse_ping_s)
         choices = await self.collect(run)
+        return await self.respond(size, self.completion_response, req, run, prompts, echo_text,
+                                  choices)
+
+    def completion_response(self, req: P.CompletionRequest, run: _Run, prompts: list[list[int]],
+                            echo_text: list[str] | None, choices: dict[int, _Choice]
+                            ) -> Response:
+        scoring = req.echo and req.logprobs is not None
         out_choices = []
         for idx in sorted(choices):
             ch = choices[idx]
@@ -494,10 +553,7 @@ class Handlers:
         usage = self.finish(run, choices.values())
         resp = P.CompletionResponse(id=run.rid, model=req.model, choices=out_choices, usage=usage,
                                     eft=run.knobs)
-        data = resp.model_dump(mode="json")
-        for c in data["choices"]:
-            _drop_unasked(c)
-        return JSONResponse(data)
+        return _json_response(resp)
 
     def stream_completion(self, req: P.CompletionRequest, run: _Run, prompts: list[list[int]],
                           echo_text: list[str] | None) -> AsyncIterator[str]:
@@ -537,7 +593,9 @@ class Handlers:
     # ---------------------------------------------------------------- chat
 
     async def chat(self, body: Any, arrival: float) -> Response:
+        check_message_count(body, self.ctx)
         req = parse(P.ChatCompletionRequest, body)
+        check_sequences(1, req.n, self.max_seqs)
         comp = self.composition(req)
         rendered = await self.chat_prompt(req.messages)
         lens = {m: len(ids) for m, ids in rendered.items()}
@@ -546,6 +604,9 @@ class Handlers:
         params = self.sampling(req, max_tokens, k, None, await self.grammar(req))
         used = [m for m in comp.coeffs if m in lens] or list(lens)
         prompt_tokens = max(lens[m] for m in used)
+        shape = ResponseShape(n=req.n, max_tokens=max_tokens, stream=req.stream, logprobs=k,
+                              trace=params.trace, trace_models=len(comp.coeffs))
+        size = check_response_size(shape, [prompt_tokens], self.max_response_bytes)
         run = self.start(new_id("chatcmpl"), req, [rendered], comp, params, arrival,
                          prompt_tokens=prompt_tokens)
         self.metrics.request_prompt_tokens.observe(prompt_tokens)
@@ -553,6 +614,10 @@ class Handlers:
             return SSEResponse(self.stream_chat(req, run, k), on_close=lambda: self.close(run),
                                ping_s=self.sse_ping_s)
         choices = await self.collect(run)
+        return await self.respond(size, self.chat_response, req, run, k, choices)
+
+    def chat_response(self, req: P.ChatCompletionRequest, run: _Run, k: int | None,
+                      choices: dict[int, _Choice]) -> Response:
         out_choices = []
         for idx in sorted(choices):
             ch = choices[idx]
@@ -565,10 +630,7 @@ class Handlers:
         usage = self.finish(run, choices.values())
         resp = P.ChatCompletionResponse(id=run.rid, model=req.model, choices=out_choices,
                                         usage=usage, eft=run.knobs)
-        data = resp.model_dump(mode="json")
-        for c in data["choices"]:
-            _drop_unasked(c)
-        return JSONResponse(data)
+        return _json_response(resp)
 
     def stream_chat(self, req: P.ChatCompletionRequest, run: _Run, k: int | None
                     ) -> AsyncIterator[str]:
@@ -594,6 +656,7 @@ class Handlers:
     # ---------------------------------------------------------------- tokenizer routes
 
     async def tokenize(self, body: Any, arrival: float) -> Response:
+        check_message_count(body, self.ctx)
         req = parse(P.TokenizeRequest, body)
         model = resolve_model(self.family, req.model) if req.model else None
         if req.prompt is not None:
@@ -608,6 +671,7 @@ class Handlers:
                                                max_model_len=self.ctx).model_dump())
 
     async def detokenize(self, body: Any, arrival: float) -> Response:
+        check_token_lists(body, "tokens", self.ctx)
         req = parse(P.DetokenizeRequest, body)
         if req.model:
             resolve_model(self.family, req.model)

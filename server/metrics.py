@@ -170,7 +170,8 @@ class ServerMetrics:
             "eft_num_requests_running", "Requests holding a batch slot.", registry=r
         )
         self.num_waiting = Gauge(
-            "eft_num_requests_waiting", "Requests queued for a batch slot.", registry=r
+            "eft_num_requests_waiting", "Sequences (prompts x n) queued for a batch row.",
+            registry=r
         )
         self.request_success = Counter(
             "eft_request_success",

@@ -96,9 +96,10 @@ def test_startup_log_lists_exactly_the_ids_that_answer(
 ):
     served = {}
 
-    def fake_server_class(on_drain):
+    def fake_server_class(on_drain, on_force=None):
         class Server:
             started = True
+            forced = False
 
             def __init__(self, config):
                 self.app = config.app

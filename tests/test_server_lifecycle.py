@@ -1,7 +1,8 @@
 """A real `eft-serve` process: connection deadlines and cap, and the shutdown deadline.
 
 The server runs with a 1 s read timeout, at most 8 connections, one batch slot and a 1 s
-shutdown timeout; the last test stops it with SIGTERM while streams are open.
+shutdown timeout; the test after the others stops it with SIGTERM while streams are open. A
+server of its own then gets SIGINT twice. An oversized request head gets the JSON error shape.
 """
 
 from __future__ import annotations
@@ -113,40 +114,76 @@ def test_connections_beyond_the_cap_are_closed(server):
     assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
 
 
+def test_oversized_request_head_gets_the_json_error_shape(server):
+    # A 100 KB Authorization header, arriving in pieces: past h11's 16 KiB limit for an
+    # incomplete head, it is refused, in the OpenAI error shape like every other 400.
+    head = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {'k' * 100_000}"
+            "\r\n\r\n").encode()
+    with connect(server) as sock:
+        for i in range(0, len(head), 8192):
+            try:
+                sock.sendall(head[i:i + 8192])
+            except OSError:
+                break  # answered and closed before the rest arrived
+            time.sleep(0.01)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status, _, rest = reply.partition(b"\r\n")
+    headers, _, body = rest.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400"), reply[:300]
+    assert b"content-type: application/json" in headers.lower()
+    err = json.loads(body)["error"]
+    assert err["code"] == "invalid_http_request" and "16384 bytes" in err["message"]
+    assert httpx.get(f"{server.url}/health", timeout=5).status_code == 200
+
+
+class OpenRequests:
+    """Two streams and a plain request on a one-row server: the first stream runs, the
+    second stream and the plain request wait in the queue."""
+
+    def __init__(self, server):
+        self.url = server.url
+        self.body = {"model": FAMILY, "prompt": "the", "max_tokens": 400, "ignore_eos": True}
+        self.streams: list[list[str]] = [[], []]
+        self.plain: list[httpx.Response] = []
+        self.first = threading.Event()
+        self.threads = [threading.Thread(target=self.stream, args=(0,))]
+        self.threads[0].start()
+        assert self.first.wait(30)
+        self.threads += [threading.Thread(target=self.stream, args=(1,)),
+                         threading.Thread(target=self.post)]
+        for t in self.threads[1:]:
+            t.start()
+        deadline = time.monotonic() + 30
+        while waiting(server) < 2:  # both queued behind the first
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+    def stream(self, i: int) -> None:
+        with httpx.stream("POST", f"{self.url}/v1/completions",
+                          json={**self.body, "stream": True}, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    self.first.set()
+                if line:
+                    self.streams[i].append(line)
+
+    def post(self) -> None:
+        self.plain.append(httpx.post(f"{self.url}/v1/completions", json=self.body, timeout=60))
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(30)
+
+
 def test_shutdown_timeout_ends_open_requests_cleanly(server):
     """Last in the module: stops the server. One batch slot: the first stream runs, the
     second stream and a plain request wait; SIGTERM, and 1 s later all of them end."""
-    body = {"model": FAMILY, "prompt": "the", "max_tokens": 400, "ignore_eos": True}
-    streams: list[list[str]] = [[], []]
-    plain: list[httpx.Response] = []
-    first = threading.Event()
-
-    def stream(i: int) -> None:
-        with httpx.stream(
-            "POST", f"{server.url}/v1/completions", json={**body, "stream": True}, timeout=60
-        ) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    first.set()
-                if line:
-                    streams[i].append(line)
-
-    def post() -> None:
-        plain.append(httpx.post(f"{server.url}/v1/completions", json=body, timeout=60))
-
-    threads = [threading.Thread(target=stream, args=(0,))]
-    threads[0].start()
-    assert first.wait(30)
-    threads += [threading.Thread(target=stream, args=(1,)), threading.Thread(target=post)]
-    for t in threads[1:]:
-        t.start()
-    deadline = time.monotonic() + 30
-    while waiting(server) < 2:  # both queued behind the first
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    open_requests = OpenRequests(server)
+    streams, plain = open_requests.streams, open_requests.plain
     server.proc.send_signal(signal.SIGTERM)
-    for t in threads:
-        t.join(30)
+    open_requests.join()
     assert server.proc.wait(30) == 0
     log = server.output()
     for lines in streams:
@@ -161,3 +198,27 @@ def test_shutdown_timeout_ends_open_requests_cleanly(server):
     assert plain[0].json()["error"]["code"] == "server_shutting_down"
     assert log.count("shutdown timeout") == 1, log[-3000:]
     assert "Traceback" not in log and "Cancel" not in log, log[-3000:]
+
+
+def test_second_sigint_ends_open_requests_at_once_and_exits_130(tiny_family_path, tmp_path):
+    """The first SIGINT starts the drain (60 s of --shutdown-timeout here); the second ends
+    every open request now, each in its shape (error chunk and [DONE], a JSON 503), with no
+    ASGI traceback, and the exit status says the server was cut short."""
+    args = ("--max-batch-size", "1", "--shutdown-timeout", "60", "--threads", "1")
+    with ServerProcess(tiny_family_path, *args, log_path=tmp_path / "server.log",
+                       ready_timeout=90) as srv:
+        open_requests = OpenRequests(srv)
+        srv.proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        srv.proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        open_requests.join()
+        assert srv.proc.wait(30) == 130
+        assert time.monotonic() - t0 < 10  # not the 60 s shutdown timeout
+        for lines in open_requests.streams:
+            assert lines[-1] == "data: [DONE]", lines[-3:]
+            assert json.loads(lines[-2][len("data: "):])["error"]["code"] == "server_shutting_down"
+        plain = open_requests.plain[0]
+        assert plain.status_code == 503 and plain.json()["error"]["code"] == "server_shutting_down"
+        log = srv.output()
+        assert "second SIGINT" in log and "Traceback" not in log, log[-3000:]

@@ -47,7 +47,9 @@ def serve(family, mode: str, jobs, seed: int = 0):
     steps = []
 
     async def go():
-        engine = Engine(family, EngineConfig(speculative=mode, seed=seed), on_step=steps.append)
+        # The queue counts sequences: room for a job's 128 requests x n=16 submitted at once.
+        cfg = EngineConfig(speculative=mode, seed=seed, max_waiting=2048)
+        engine = Engine(family, cfg, on_step=steps.append)
         engine.start()
         try:
             return await jobs(engine)
