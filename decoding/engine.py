@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import boundary
 from .composition import log_probs
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -113,6 +114,8 @@ class Engine:
                 runner.self_check()
             except UnsupportedModelError as exc:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
+        if family.config.experts:  # one warning line if the models start answers unalike
+            boundary.check_family(family, lambda n, ids: self.runners[n].last_logits(n, ids))
         self.scheduler = Scheduler(self.config, self.runners)
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed

@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from . import loading
+from . import boundary, loading
 from .errors import FamilyError
 from .loading import DTYPES, Checkpoint, LoadedModel
 
@@ -196,6 +196,9 @@ class Family:
     context_limit: int
     eos_token_ids: frozenset[int]  # every id that ends generation
     device: torch.device  # where log-probs are combined and sampled (the base's output device)
+    # What `plain` renderings end with after `Assistant:`: the whitespace the family's chat
+    # templates end their generation prompt with, so every model starts the answer alike.
+    answer_whitespace: str = ""
 
     @property
     def name(self) -> str:
@@ -203,18 +206,18 @@ class Family:
 
     def render_chat(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """Each model's prompt tokens for a chat, rendered with that model's own template."""
-        return {name: render_chat(m, messages) for name, m in self.models.items()}
+        ws = self.answer_whitespace
+        return {name: render_chat(m, messages, ws) for name, m in self.models.items()}
 
 
-def render_chat(model: LoadedModel, messages: list[dict[str, Any]]) -> list[int]:
+def render_chat(
+    model: LoadedModel, messages: list[dict[str, Any]], answer_ws: str = ""
+) -> list[int]:
+    """`model`'s prompt tokens for a chat; `plain` ends with `answer_ws` after `Assistant:`."""
     tok = model.tokenizer
-    template = model.chat_template
-    if template == "tokenizer" and not tok.chat_template:
-        template = "plain"
+    template = boundary.effective_template(tok, model.chat_template)
     if template == "plain":
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-        text = "\n".join(lines) + "\nAssistant:"
-        return tok.encode(text, add_special_tokens=True)
+        return tok.encode(boundary.plain_text(messages, answer_ws), add_special_tokens=True)
     kwargs: dict[str, Any] = {} if template == "tokenizer" else {"chat_template": template}
     out = tok.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=False, **kwargs
@@ -273,6 +276,11 @@ def load_family(
             )
         limit = cap
     base = models[config.base]
+    # Experts first: `plain` ends as the chat models the family composes end their prompts.
+    by_role = [*config.experts, *(n for n in models if n not in config.experts)]
+    answer_ws = boundary.answer_whitespace(
+        (models[n].tokenizer, models[n].chat_template) for n in by_role
+    )
     return Family(
         config=config,
         models=models,
@@ -281,6 +289,7 @@ def load_family(
         context_limit=limit,
         eos_token_ids=stop_ids(config, models, vocab_size),
         device=base.output_device,
+        answer_whitespace=answer_ws,
     )
 
 
