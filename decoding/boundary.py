@@ -95,12 +95,14 @@ class Start:
     model: str
     token_id: int | None  # None: the rendering's last token merges with the answer's first
     text: str  # the token's text ("" when unknown)
-    ending: str  # the rendering's trailing whitespace
+    ending: str | None = None  # the rendering's trailing whitespace (textual verdicts)
 
     def describe(self) -> str:
+        ends = "" if self.ending is None else f" ends {self.ending!r},"
         if self.token_id is None:
-            return f"{self.model} (rendering ends {self.ending!r}, merges with the answer)"
-        return f"{self.model} {self.text!r} (id {self.token_id})"
+            return f"{self.model}{ends} merges with the answer's first word"
+        then = " then" if ends else ""
+        return f"{self.model}{ends}{then} {self.text!r} (id {self.token_id})"
 
 
 @dataclass
@@ -149,7 +151,7 @@ def weights_verdict(
     starts = []
     for name, ids in prompts.items():
         tid = int(last_logits(name, ids)[:vocab_size].argmax())
-        starts.append(Start(name, tid, token_text(tokenizers[name], tid), ""))
+        starts.append(Start(name, tid, token_text(tokenizers[name], tid)))
     aligned = len({leading_whitespace(s.text) for s in starts}) <= 1
     return Verdict(aligned, starts, "first answer token each model prefers")
 

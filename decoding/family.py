@@ -265,7 +265,10 @@ def load_family(
             f" [shares the weights of {m.shares_weights_with}]" if m.shares_weights_with else "",
         )
     models = {n: models[n] for n in order}
-    vocab_size = shared_vocab_size(models)
+    vocab_size = shared_vocab_size(
+        {n: m.tokenizer for n, m in models.items()},
+        {n: m.module.get_output_embeddings().weight.shape[0] for n, m in models.items()},
+    )
     limit = min(m.max_positions for m in models.values())
     cap = max_model_len or config.max_model_len
     if cap is not None:
@@ -276,10 +279,8 @@ def load_family(
             )
         limit = cap
     base = models[config.base]
-    # Experts first: `plain` ends as the chat models the family composes end their prompts.
-    by_role = [*config.experts, *(n for n in models if n not in config.experts)]
-    answer_ws = boundary.answer_whitespace(
-        (models[n].tokenizer, models[n].chat_template) for n in by_role
+    answer_ws = family_answer_whitespace(
+        config, {n: (m.tokenizer, m.chat_template) for n, m in models.items()}
     )
     return Family(
         config=config,
@@ -287,7 +288,14 @@ def load_family(
         tokenizer=base.tokenizer,
         vocab_size=vocab_size,
         context_limit=limit,
-        eos_token_ids=stop_ids(config, models, vocab_size),
+        eos_token_ids=stop_ids(
+            config,
+            {
+                n: (m.tokenizer, getattr(m.module, "generation_config", None))
+                for n, m in models.items()
+            },
+            vocab_size,
+        ),
         device=base.output_device,
         answer_whitespace=answer_ws,
     )
@@ -371,16 +379,17 @@ def _loaded(
     )
 
 
-def shared_vocab_size(models: dict[str, LoadedModel]) -> int:
+def shared_vocab_size(
+    tokenizers: dict[str, PreTrainedTokenizerBase], widths: dict[str, int]
+) -> int:
     """The number of leading token ids every model of the family reads the same way.
 
     Every token id below the result means the same string to every model's tokenizer and has a
-    row in every model's output embedding. Tokens past it (a strict-prefix vocabulary, added
-    tokens, padded embedding rows) are cut. Two models that read one id as different strings
-    are a `FamilyError` naming both models and the first differing token.
+    row in every model's output embedding (`widths`: its rows). Tokens past it (a strict-prefix
+    vocabulary, added tokens, padded embedding rows) are cut. Two models that read one id as
+    different strings are a `FamilyError` naming both models and the first differing token.
     """
-    tables = {name: _id_table(m.tokenizer) for name, m in models.items()}
-    widths = {n: m.module.get_output_embeddings().weight.shape[0] for n, m in models.items()}
+    tables = {name: _id_table(tok) for name, tok in tokenizers.items()}
     first_name, first = next(iter(tables.items()))
     for name, table in tables.items():
         n = min(len(first), len(table))
@@ -413,9 +422,23 @@ def _id_table(tok: PreTrainedTokenizerBase) -> list[str | None]:
     return table
 
 
-def stop_ids(config: FamilyConfig, models: dict[str, LoadedModel], vocab_size: int) -> frozenset:
+def family_answer_whitespace(
+    config: FamilyConfig, renderers: dict[str, tuple[PreTrainedTokenizerBase, str]]
+) -> str:
+    """What `plain` ends with in this family ({entry: (tokenizer, chat_template)}): experts
+    first, so that a base rendered `plain` starts its answer as the composed chat models do."""
+    order = [*config.experts, *(n for n in renderers if n not in config.experts)]
+    return boundary.answer_whitespace(renderers[n] for n in order if n in renderers)
+
+
+def stop_ids(
+    config: FamilyConfig,
+    eos_sources: dict[str, tuple[PreTrainedTokenizerBase, Any]],
+    vocab_size: int,
+) -> frozenset:
     """The ids that end generation: the config's `stop_token_ids`, else the union of every
-    model's EOS and its generation config's `eos_token_id` (Llama-3 instruct lists three)."""
+    model's EOS and its generation config's `eos_token_id` (Llama-3 instruct lists three);
+    `eos_sources` is {entry: (tokenizer, generation config or None)}."""
     if config.stop_token_ids is not None:
         outside = [i for i in config.stop_token_ids if i >= vocab_size]
         if outside:
@@ -424,9 +447,9 @@ def stop_ids(config: FamilyConfig, models: dict[str, LoadedModel], vocab_size: i
             )
         return frozenset(config.stop_token_ids)
     ids: set[int] = set()
-    for m in models.values():
-        if m.tokenizer.eos_token_id is not None:
-            ids.add(m.tokenizer.eos_token_id)
-        gen = getattr(getattr(m.module, "generation_config", None), "eos_token_id", None)
+    for tokenizer, generation_config in eos_sources.values():
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        gen = getattr(generation_config, "eos_token_id", None)
         ids.update([gen] if isinstance(gen, int) else gen or [])
     return frozenset(i for i in ids if i is not None and 0 <= i < vocab_size)
