@@ -5,15 +5,15 @@
         [--plausibility 0,0.1,0.3] [--max-tokens 24] [--json out/filter_defaults.json]
 
 Every question is asked as a chat, greedy, of the family's composition (its default expert
-weights, each grid point's filters) and of `ENTRY` alone: the chat model for a real family,
-whose answer the composition should keep, or an oracle (the demo's `large-helpful`, the large
-base really fine-tuned). Per grid point it reports, against `ENTRY`'s answers: `first_token`
-(same first answer token), `same_answer` (identical text), `fact_kept` (the expected answer
-appears, among the questions whose `ENTRY` answer holds it) and `fact` (the expected answer
-appears, over all questions). Question sets: `capitals` (30 real-world capitals, for real
-checkpoints), `demo` (the demo family's held-out questions, the first `--limit`), or a JSONL
-file of `{"question", "answer"}`. Runs in process on the engine (no HTTP), all questions of a
-point batched together.
+weights, each grid point's filters in place of the defaults' own) and of `ENTRY` alone: the
+chat model for a real family, whose answer the composition should keep, or an oracle (the
+demo's `large-helpful`, the large base really fine-tuned). Per grid point it reports, against
+`ENTRY`'s answers: `first_token` (same first answer token), `same_answer` (identical text),
+`fact_kept` (the expected answer appears, among the questions whose `ENTRY` answer holds it)
+and `fact` (the expected answer appears, over all questions). Question sets: `capitals` (30
+real-world capitals, for real checkpoints), `demo` (the demo family's held-out questions, the
+first `--limit`), or a JSONL file of `{"question", "answer"}`. Runs in process on the engine
+(no HTTP), all questions of a point batched together.
 """
 
 from __future__ import annotations
@@ -97,6 +97,8 @@ async def measure(args: argparse.Namespace) -> dict:
     def text(ids: list[int]) -> str:
         return tok.decode(ids, skip_special_tokens=True)
 
+    # The family's default expert weights; each grid point sets both filters.
+    weights = {e: float(family.config.defaults.get(e, 0.0)) for e in family.config.experts}
     rows = []
     try:
         ref_comp = make_composition(family, args.reference)
@@ -104,10 +106,8 @@ async def measure(args: argparse.Namespace) -> dict:
         reference = [text(x) for x in ref_ids]
         for top_p in args.base_top_p:
             for alpha in args.plausibility:
-                comp = make_composition(
-                    family, None, {**_expert_defaults(family), "base_top_p": top_p,
-                                   "plausibility": alpha},
-                )  # fmt: skip
+                knobs = {**weights, "base_top_p": top_p, "plausibility": alpha}
+                comp = make_composition(family, None, knobs)
                 ids = await _answers(engine, family, comp, items, args.max_tokens)
                 answers = [text(x) for x in ids]
                 row = {"base_top_p": top_p, "plausibility": alpha,
@@ -131,12 +131,6 @@ async def measure(args: argparse.Namespace) -> dict:
         ],  # fmt: skip
         "rows": rows,
     }
-
-
-def _expert_defaults(family) -> dict[str, float]:
-    cfg = family.config
-    weights = {e: float(cfg.defaults.get(e, 0.0)) for e in cfg.experts}
-    return weights if any(weights.values()) else {e: 1.0 for e in cfg.experts[:1]}
 
 
 def _fmt(row: dict) -> str:

@@ -95,24 +95,30 @@ models:
 base: base
 reference: small
 experts: [chat]
-defaults: {{chat: 1.0, base_top_p: 0.9}}
+defaults: {defaults}
 """
 COUNTRIES = {"France": "Paris", "Germany": "Berlin", "Japan": "Tokyo", "Egypt": "Cairo",
              "Spain": "Madrid", "Russia": "Moscow"}  # fmt: skip
 
 
-def _smol_family(tmp_path: Path, plain: str = "plain") -> Path:
+README_DEFAULTS = "{chat: 1.0, plausibility: 0.3}"  # README "Serve your own models"
+
+
+def _smol_family(tmp_path: Path, plain: str = "plain", defaults: str = README_DEFAULTS) -> Path:
     path = tmp_path / "family.yaml"
-    path.write_text(SMOL_FAMILY.format(gguf=checkpoint(SMOLLM2), plain=plain))
+    path.write_text(SMOL_FAMILY.format(gguf=checkpoint(SMOLLM2), plain=plain, defaults=defaults))
     return path
 
 
-def test_smollm2_family_with_the_readme_defaults_answers_as_the_chat_model_alone(tmp_path):
+@pytest.mark.parametrize("defaults", [README_DEFAULTS, "{chat: 1.0, base_top_p: 0.9}"])
+def test_smollm2_family_with_the_readme_defaults_answers_as_the_chat_model_alone(
+    tmp_path, defaults
+):
     import openai
 
     from server.process import ServerProcess
 
-    server = ServerProcess(_smol_family(tmp_path), "--threads", "2",
+    server = ServerProcess(_smol_family(tmp_path, defaults=defaults), "--threads", "2",
                            log_path=tmp_path / "server.log", ready_timeout=600)  # fmt: skip
     with server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
