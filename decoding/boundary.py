@@ -72,7 +72,10 @@ def answer_whitespace(entries: Iterable[tuple[Any, str]]) -> str:
     `plain`, as `User: …\\nAssistant:` always ended)."""
     for tokenizer, template in entries:
         if effective_template(tokenizer, template) != "plain":
-            return trailing_whitespace(render_text(tokenizer, template, PROBE)[0])
+            try:
+                return trailing_whitespace(render_text(tokenizer, template, PROBE)[0])
+            except Exception as exc:  # noqa: BLE001 - a template that refuses a one-turn chat
+                log.warning("cannot render a probe chat with a model's template: %s", exc)
     return ""
 
 
@@ -156,14 +159,21 @@ def weights_verdict(
     return Verdict(aligned, starts, "first answer token each model prefers")
 
 
-def check_family(family: Any, last_logits: Callable[[str, list[int]], torch.Tensor]) -> Verdict:
+def check_family(
+    family: Any, last_logits: Callable[[str, list[int]], torch.Tensor]
+) -> Verdict | None:
     """`weights_verdict` over the composed models (base, reference, experts) of a family
-    with experts, logged: one warning line when they disagree."""
+    with experts, logged: one warning line when they disagree (None: the probe failed, e.g. a
+    template that refuses a one-turn chat; requests will say so themselves)."""
     cfg = family.config
     names = [cfg.base, *([cfg.reference] if cfg.reference else []), *cfg.experts]
-    prompts = {n: p for n, p in family.render_chat(PROBE).items() if n in names}
-    tokenizers = {n: family.models[n].tokenizer for n in names}
-    verdict = weights_verdict(prompts, tokenizers, last_logits, family.vocab_size)
+    try:
+        prompts = {n: p for n, p in family.render_chat(PROBE).items() if n in names}
+        tokenizers = {n: family.models[n].tokenizer for n in names}
+        verdict = weights_verdict(prompts, tokenizers, last_logits, family.vocab_size)
+    except Exception as exc:  # noqa: BLE001 - advice only: it never stops the server
+        log.warning("family %s: the answer-boundary probe failed: %s", family.name, exc)
+        return None
     if verdict.aligned:
         log.info("family %s: %s", family.name, verdict.line())
     else:

@@ -128,3 +128,14 @@ def test_startup_warns_in_one_line_when_bases_end_their_prompt_with_a_space(
     assert "\n" not in line
     for name in ("large-base", "small-base", "helpful", "harmless", "chat_template: plain"):
         assert name in line
+
+
+def test_a_template_that_refuses_the_probe_chat_does_not_stop_the_server(caplog, one_torch_thread):
+    config = _demo_config(None)
+    config.models["helpful"].chat_template = "{{ raise_exception('system message required') }}"
+    # One warning while loading (`plain` cannot follow that template) and one at startup.
+    loading, startup = _startup_records(caplog, config)
+    assert loading.levelno == startup.levelno == logging.WARNING
+    assert "cannot render a probe chat" in loading.getMessage()
+    assert "probe failed" in startup.getMessage()
+    assert "system message required" in startup.getMessage()
