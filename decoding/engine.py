@@ -105,6 +105,8 @@ class Engine:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
             self.runners.update(dict.fromkeys(names, runner))
         self.groups = unique_runners(self.runners)  # each runner once, with its members
+        if family.config.experts:  # one warning line if the models start answers unalike
+            boundary.check_family(family, lambda n, ids: self.runners[n].last_logits(n, ids))
         try:
             size_pools(self.groups, self.config, family.context_limit, family.vocab_size)
         except ValueError as exc:
@@ -114,8 +116,6 @@ class Engine:
                 runner.self_check()
             except UnsupportedModelError as exc:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
-        if family.config.experts:  # one warning line if the models start answers unalike
-            boundary.check_family(family, lambda n, ids: self.runners[n].last_logits(n, ids))
         self.scheduler = Scheduler(self.config, self.runners)
         self.sampler = Sampler(
             family.vocab_size, family.device, family.eos_token_ids, self.config.seed
