@@ -149,9 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", required=True, help="the entry whose answers are the target")
     p.add_argument("--questions", default="capitals", help="capitals | demo | FILE.jsonl")
     p.add_argument("--limit", type=int, default=64, help="at most this many questions")
-    p.add_argument("--base-top-p", type=_floats, default=[1.0, 0.95, 0.9, 0.8])
-    p.add_argument("--plausibility", type=_floats, default=[0.0, 0.1, 0.3])
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument(
+        "--base-top-p",
+        type=_floats,
+        default=[1.0, 0.95, 0.9, 0.8],
+        help="comma-separated base_top_p values (default 1,0.95,0.9,0.8)",
+    )
+    p.add_argument(
+        "--plausibility",
+        type=_floats,
+        default=[0.0, 0.1, 0.3],
+        help="comma-separated plausibility values (default 0,0.1,0.3)",
+    )
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (default 24)")
     p.add_argument("--show", type=int, default=0, help="print this many answers per point")
     p.add_argument("--json", type=Path, default=None, help="default out/filter_defaults.json")
     args = p.parse_args(argv)
