@@ -165,10 +165,13 @@ def check_family(
     """`weights_verdict` over the composed models (base, reference, experts) of a family
     with experts, logged: one warning line when they disagree (None: the probe failed, e.g. a
     template that refuses a one-turn chat; requests will say so themselves)."""
+    from .family import render_chat  # family.py renders with this module's helpers
+
     cfg = family.config
     names = [cfg.base, *([cfg.reference] if cfg.reference else []), *cfg.experts]
     try:
-        prompts = {n: p for n, p in family.render_chat(PROBE).items() if n in names}
+        ws = family.answer_whitespace
+        prompts = {n: render_chat(family.models[n], PROBE, ws) for n in names}
         tokenizers = {n: family.models[n].tokenizer for n in names}
         verdict = weights_verdict(prompts, tokenizers, last_logits, family.vocab_size)
     except Exception as exc:  # noqa: BLE001 - advice only: it never stops the server

@@ -139,3 +139,13 @@ def test_a_template_that_refuses_the_probe_chat_does_not_stop_the_server(caplog,
     assert "cannot render a probe chat" in loading.getMessage()
     assert "probe failed" in startup.getMessage()
     assert "system message required" in startup.getMessage()
+
+
+def test_the_probe_renders_only_the_composed_models(caplog, one_torch_thread):
+    # large-helpful is served alone (demo/large-helpful) and takes no part in the composition.
+    config = _demo_config(None)
+    config.models["large-helpful"].chat_template = "{{ raise_exception('not composed') }}"
+    (record,) = _startup_records(caplog, config)
+    assert record.levelno == logging.INFO
+    assert "answer boundary aligned" in record.getMessage()
+    assert "large-helpful" not in record.getMessage()
