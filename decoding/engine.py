@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import boundary
 from .composition import log_probs
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -106,6 +107,8 @@ class Engine:
                 raise FamilyError(f"model {names[0]!r}: {exc}") from exc
             self.runners.update(dict.fromkeys(names, runner))
         self.groups = unique_runners(self.runners)  # each runner once, with its members
+        if family.config.experts:  # one warning line if the models start answers unalike
+            boundary.check_family(family, lambda n, ids: self.runners[n].last_logits(n, ids))
         try:
             size_pools(self.groups, self.config, family.context_limit, family.vocab_size)
         except ValueError as exc:

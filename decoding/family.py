@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from transformers import PreTrainedTokenizerBase
 
-from . import loading
+from . import boundary, loading
 from .chat import chat_ids
 from .errors import FamilyError
 from .loading import DTYPES, Checkpoint, LoadedModel
@@ -197,6 +197,9 @@ class Family:
     context_limit: int
     eos_token_ids: frozenset[int]  # every id that ends generation
     device: torch.device  # where log-probs are combined and sampled (the base's output device)
+    # What `plain` renderings end with after `Assistant:`: the whitespace the family's chat
+    # templates end their generation prompt with, so every model starts the answer alike.
+    answer_whitespace: str = ""
 
     @property
     def name(self) -> str:
@@ -204,21 +207,22 @@ class Family:
 
     def render_chat(self, messages: list[dict[str, Any]]) -> dict[str, list[int]]:
         """Each model's prompt tokens for a chat, rendered with that model's own template."""
-        return {name: render_chat(m, messages) for name, m in self.models.items()}
+        ws = self.answer_whitespace
+        return {name: render_chat(m, messages, ws) for name, m in self.models.items()}
 
 
-def render_chat(model: LoadedModel, messages: list[dict[str, Any]]) -> list[int]:
-    """A chat's prompt ids with this model's template; message content is tokenized as text
-    (a special token's text in it is not the special token: `decoding.chat`)."""
+def render_chat(
+    model: LoadedModel, messages: list[dict[str, Any]], answer_ws: str = ""
+) -> list[int]:
+    """A chat's prompt ids with this model's template (`plain` ends with `answer_ws` after
+    `Assistant:`); message content is tokenized as text (a special token's text in it is not
+    the special token: `decoding.chat`)."""
     tok = model.tokenizer
-    template = model.chat_template
-    if template == "tokenizer" and not tok.chat_template:
-        template = "plain"
+    template = boundary.effective_template(tok, model.chat_template)
     if template == "plain":
 
         def plain(msgs: list[dict[str, Any]]) -> str:
-            lines = [f"{m['role'].capitalize()}: {m['content']}" for m in msgs]
-            return "\n".join(lines) + "\nAssistant:"
+            return boundary.plain_text(msgs, answer_ws)
 
         return chat_ids(tok, plain, messages, add_special_tokens=True)
     kwargs: dict[str, Any] = {} if template == "tokenizer" else {"chat_template": template}
@@ -268,7 +272,10 @@ def load_family(
             f" [shares the weights of {m.shares_weights_with}]" if m.shares_weights_with else "",
         )
     models = {n: models[n] for n in order}
-    vocab_size = shared_vocab_size(models)
+    vocab_size = shared_vocab_size(
+        {n: m.tokenizer for n, m in models.items()},
+        {n: m.module.get_output_embeddings().weight.shape[0] for n, m in models.items()},
+    )
     limit = min(m.max_positions for m in models.values())
     cap = max_model_len or config.max_model_len
     if cap is not None:
@@ -279,14 +286,25 @@ def load_family(
             )
         limit = cap
     base = models[config.base]
+    answer_ws = family_answer_whitespace(
+        config, {n: (m.tokenizer, m.chat_template) for n, m in models.items()}
+    )
     return Family(
         config=config,
         models=models,
         tokenizer=base.tokenizer,
         vocab_size=vocab_size,
         context_limit=limit,
-        eos_token_ids=stop_ids(config, models, vocab_size),
+        eos_token_ids=stop_ids(
+            config,
+            {
+                n: (m.tokenizer, getattr(m.module, "generation_config", None))
+                for n, m in models.items()
+            },
+            vocab_size,
+        ),
         device=base.output_device,
+        answer_whitespace=answer_ws,
     )
 
 
@@ -368,16 +386,17 @@ def _loaded(
     )
 
 
-def shared_vocab_size(models: dict[str, LoadedModel]) -> int:
+def shared_vocab_size(
+    tokenizers: dict[str, PreTrainedTokenizerBase], widths: dict[str, int]
+) -> int:
     """The number of leading token ids every model of the family reads the same way.
 
     Every token id below the result means the same string to every model's tokenizer and has a
-    row in every model's output embedding. Tokens past it (a strict-prefix vocabulary, added
-    tokens, padded embedding rows) are cut. Two models that read one id as different strings
-    are a `FamilyError` naming both models and the first differing token.
+    row in every model's output embedding (`widths`: its rows). Tokens past it (a strict-prefix
+    vocabulary, added tokens, padded embedding rows) are cut. Two models that read one id as
+    different strings are a `FamilyError` naming both models and the first differing token.
     """
-    tables = {name: _id_table(m.tokenizer) for name, m in models.items()}
-    widths = {n: m.module.get_output_embeddings().weight.shape[0] for n, m in models.items()}
+    tables = {name: _id_table(tok) for name, tok in tokenizers.items()}
     first_name, first = next(iter(tables.items()))
     for name, table in tables.items():
         n = min(len(first), len(table))
@@ -410,9 +429,23 @@ def _id_table(tok: PreTrainedTokenizerBase) -> list[str | None]:
     return table
 
 
-def stop_ids(config: FamilyConfig, models: dict[str, LoadedModel], vocab_size: int) -> frozenset:
+def family_answer_whitespace(
+    config: FamilyConfig, renderers: dict[str, tuple[PreTrainedTokenizerBase, str]]
+) -> str:
+    """What `plain` ends with in this family ({entry: (tokenizer, chat_template)}): experts
+    first, so that a base rendered `plain` starts its answer as the composed chat models do."""
+    order = [*config.experts, *(n for n in renderers if n not in config.experts)]
+    return boundary.answer_whitespace(renderers[n] for n in order if n in renderers)
+
+
+def stop_ids(
+    config: FamilyConfig,
+    eos_sources: dict[str, tuple[PreTrainedTokenizerBase, Any]],
+    vocab_size: int,
+) -> frozenset:
     """The ids that end generation: the config's `stop_token_ids`, else the union of every
-    model's EOS and its generation config's `eos_token_id` (Llama-3 instruct lists three)."""
+    model's EOS and its generation config's `eos_token_id` (Llama-3 instruct lists three);
+    `eos_sources` is {entry: (tokenizer, generation config or None)}."""
     if config.stop_token_ids is not None:
         outside = [i for i in config.stop_token_ids if i >= vocab_size]
         if outside:
@@ -421,9 +454,9 @@ def stop_ids(config: FamilyConfig, models: dict[str, LoadedModel], vocab_size: i
             )
         return frozenset(config.stop_token_ids)
     ids: set[int] = set()
-    for m in models.values():
-        if m.tokenizer.eos_token_id is not None:
-            ids.add(m.tokenizer.eos_token_id)
-        gen = getattr(getattr(m.module, "generation_config", None), "eos_token_id", None)
+    for tokenizer, generation_config in eos_sources.values():
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        gen = getattr(generation_config, "eos_token_id", None)
         ids.update([gen] if isinstance(gen, int) else gen or [])
     return frozenset(i for i in ids if i is not None and 0 <= i < vocab_size)

@@ -554,6 +554,12 @@ class ModelRunner:
             return self.module(**inputs, use_cache=False)
 
     @torch.inference_mode()
+    def last_logits(self, member: str, ids: list[int]) -> torch.Tensor:
+        """`member`'s logits after `ids`, from its own full forward (no KV): startup probes."""
+        out = self._call([member] * len(ids), input_ids=torch.tensor([ids], device=self.device))
+        return out.logits[0, -1].float()
+
+    @torch.inference_mode()
     def self_check(self) -> None:
         """Refuse a model whose forward over the paged pool differs from its own full
         forward: two prompts of different lengths, each prefilled in two chunks (the second

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     p.add_argument(
+        "--check",
+        action="store_true",
+        help="pre-flight: read the family's configs and tokenizers only (no weights), print each "
+        "model's size, KV per token and device, the shared vocabulary, the answer-boundary "
+        "verdict and whether it fits, then exit 0 (ok) or 2",
+    )
+    p.add_argument(
         "--config",
         default=None,
         help="family YAML (docs/family.md); default: the embedded demo family "
@@ -413,6 +420,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    if args.check:
+        return _check(args, config)
+
     # Heavy imports after argument checks, so `--help` and config errors answer at once.
     import uvicorn
 
@@ -512,6 +522,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # as a shell reports a process ended by Ctrl-C
     log.info("eft-serve stopped")
     return 0
+
+
+def _check(args: argparse.Namespace, config: Path) -> int:
+    """`--check`: decoding.preflight's report on stdout; exit 0 when it finds no problem."""
+    from decoding.family import FamilyConfig, FamilyError
+    from decoding.preflight import check
+
+    try:
+        family = (
+            FamilyConfig.single(args.model, args.gguf_file, args.served_model_name)
+            if args.model
+            else config
+        )
+    except FamilyError as exc:
+        print(f"eft-serve: {exc}", file=sys.stderr)
+        return 2
+    report = check(family, args.device, args.dtype, args.max_model_len,
+                   args.gpu_memory_utilization)  # fmt: skip
+    sys.stdout.write(report.text())
+    return 0 if report.ok else 2
 
 
 if __name__ == "__main__":

@@ -104,7 +104,8 @@ def test_each_model_renders_the_chat_its_own_way(smol_family):
     prompts = family.render_chat([{"role": "user", "content": "What is the capital of France?"}])
     tok = family.tokenizer
     assert tok.decode(prompts["large-base"]).startswith("User: What is the capital of France?")
-    assert tok.decode(prompts["large-base"]).endswith("Assistant:")
+    # `plain` ends as the instruct template does (a newline), so both start the answer alike.
+    assert tok.decode(prompts["large-base"]).endswith("\nAssistant:\n")
     assert tok.decode(prompts["helpful"]) == (
         "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
     )
