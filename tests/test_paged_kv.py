@@ -255,3 +255,29 @@ def test_a_plain_decode_step_synchronises_once(tiny_family, monkeypatch):
     per_step = asyncio.run(go())
     assert len(per_step) >= 8 and set(per_step) == {1}
     assert set(reads) == {"tolist"}
+
+
+@pytest.mark.parametrize("speculative", ["off", "3"])
+def test_decode_graph_buffers_give_the_eager_outputs_with_speculation_and_n(
+    tiny_family, speculative
+):
+    """`cuda_graphs="on"` (on a CPU: the graphs' persistent buffers, run eagerly) against
+    eager decode, with drafts decoded through the buffers when speculating, `n` siblings and
+    rows that join and finish at different steps: the same tokens and log-probs."""
+    reqs = [
+        request(tiny_family, f"g{i}", p, {"helpful": 0.5 * i}, max_tokens=6 + 5 * i, n=1 + i % 2,
+                logprobs=1, ignore_eos=True)
+        for i, p in enumerate(PROMPTS)
+    ]  # fmt: skip
+    cfg = dict(speculative=speculative, max_batch_size=8)
+    on = Engine(tiny_family, EngineConfig(cuda_graphs="on", **cfg))
+    assert all(r.graphs is not None for r, _ in on.groups)  # every runner decodes through them
+    eager, _ = greedy(tiny_family, reqs, stagger=0.01, **cfg)
+    replayed, _ = greedy(tiny_family, reqs, stagger=0.01, cuda_graphs="on", **cfg)
+    assert tokens(replayed) == tokens(eager)
+    for a, b in zip(replayed, eager):
+        for i in a:
+            torch.testing.assert_close(
+                torch.tensor([x.logprob for x in a[i]["lps"]]),
+                torch.tensor([x.logprob for x in b[i]["lps"]]), atol=1e-4, rtol=0,
+            )  # fmt: skip
