@@ -110,7 +110,7 @@ class DecodeGraphs:
 
     def run(self, ids: torch.Tensor, dev: dict[str, torch.Tensor], b: int, width: int):
         """Logits [b, V] of one decode step of `b` rows: `ids` [b] on the device, `dev` the
-        step's uploaded layout (pos, smap, tables [b * width], kv_lens)."""
+        step's uploaded layout (pos, smap, tables [b * width])."""
         n = self.bucket(b)
         self.ids[:b].copy_(ids)
         self.pos[:b].copy_(dev["pos"])
@@ -123,7 +123,7 @@ class DecodeGraphs:
             self.slots[b:n].zero_()
         graph, batch, out = self.graphs[n]
         if self.runner.use_varlen:
-            self.kv_lens[:b].copy_(dev["kv_lens"])
+            self.kv_lens[:b].copy_(dev["pos"] + 1)  # a decode row holds its position + 1 keys
             self.kv_lens[b:n].fill_(1)
             self.tables32[:n].copy_(self.tables[:n])
         if graph is None:

@@ -429,7 +429,7 @@ class ModelRunner:
         if graphs is not None and (self.switch is None and graphs.bucket(len(seqs))
                                    and width <= graphs.width):  # fmt: skip
             named = {"pos": positions, "smap": slots, "tables": _padded(tables, width),
-                     "kv_lens": [len(s.tokens) for s in seqs], **self._pool_changes()}  # fmt: skip
+                     **self._pool_changes()}  # fmt: skip
             dev = dict(zip(named, self._upload(list(named.values()))))
             self._apply_pool_changes(dev)
             ids = ids.to(dev["pos"].device)

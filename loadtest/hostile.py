@@ -173,8 +173,9 @@ def lockout(url: str, model: str, headers: dict[str, str] | None = None) -> str 
     return None
 
 
-def oversized_head(url: str, size: int = 100_000) -> str | None:
-    """A request head of `size` bytes sent in pieces: a 400 in the OpenAI shape, or why not."""
+def send_head(url: str, size: int, pause: float = 0.005) -> bytes:
+    """Send a request head with a `size`-byte Authorization header in 8 KiB pieces (`pause`
+    apart, as a slow client would) and return every byte of the reply."""
     parts = urlsplit(url)
     head = (f"GET /v1/models HTTP/1.1\r\nHost: {parts.hostname}\r\nAuthorization: Bearer "
             f"{'k' * size}\r\n\r\n").encode()
@@ -184,13 +185,19 @@ def oversized_head(url: str, size: int = 100_000) -> str | None:
                 sock.sendall(head[i:i + 8192])
             except OSError:
                 break  # answered and closed before the rest arrived
-            time.sleep(0.005)
+            time.sleep(pause)
         reply = b""
         try:
             while chunk := sock.recv(65536):
                 reply += chunk
         except OSError:
             pass
+    return reply
+
+
+def oversized_head(url: str, size: int = 100_000) -> str | None:
+    """A request head of `size` bytes sent in pieces: a 400 in the OpenAI shape, or why not."""
+    reply = send_head(url, size)
     status, _, rest = reply.partition(b"\r\n")
     body = rest.partition(b"\r\n\r\n")[2]
     if not status.startswith(b"HTTP/1.1 400"):

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from loadtest.hostile import send_head
 from server.process import ServerProcess
 
 FAMILY = "tiny"
@@ -117,18 +118,7 @@ def test_connections_beyond_the_cap_are_closed(server):
 def test_oversized_request_head_gets_the_json_error_shape(server):
     # A 100 KB Authorization header, arriving in pieces: past h11's 16 KiB limit for an
     # incomplete head, it is refused, in the OpenAI error shape like every other 400.
-    head = (f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {'k' * 100_000}"
-            "\r\n\r\n").encode()
-    with connect(server) as sock:
-        for i in range(0, len(head), 8192):
-            try:
-                sock.sendall(head[i:i + 8192])
-            except OSError:
-                break  # answered and closed before the rest arrived
-            time.sleep(0.01)
-        reply = b""
-        while chunk := sock.recv(65536):
-            reply += chunk
+    reply = send_head(server.url, 100_000, pause=0.01)
     status, _, rest = reply.partition(b"\r\n")
     headers, _, body = rest.partition(b"\r\n\r\n")
     assert status.startswith(b"HTTP/1.1 400"), reply[:300]
