@@ -15,7 +15,8 @@ Each layer's call:
    - on CUDA, one call to a varlen paged kernel when the installed torch has one
      (`torch.nn.attention.varlen.varlen_attn` with a block table), chosen at start;
    - otherwise the exact path: the decode tokens of the step in one batched SDPA over their
-     gathered blocks (a key mask per row: its length and window); short prompt chunks
+     gathered blocks (a key mask per row: its length and window; on a CPU, a plain decode
+     step reads them from the runner's `DecodeKV`, kept from the last step); short prompt chunks
      together in one padded SDPA, and each long one alone, with causal masks offset by what
      their sequences already hold.
 
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from .decode_kv import DecodeKV
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [T] where each token's KV goes
     # Single-token sequences (decode rows), attended in one batched call:
     decode_index: torch.Tensor  # [Bd] their tokens' indices in the step
-    decode_tables: torch.Tensor  # [Bd, nb] block tables, padded with the null block
+    decode_tables: torch.Tensor | None  # [Bd, nb] block tables, padded with the null block
     decode_positions: torch.Tensor  # [Bd] their positions
     chunks: list[Chunk]  # long runs, one call each
     group: Group | None  # short runs, one call together
@@ -86,6 +89,11 @@ class StepBatch:
     tables: torch.Tensor | None = None
     max_q: int = 1
     max_k: int = 1
+    # A plain decode step on the exact path may read the rows' keys from a `DecodeKV` kept
+    # since the last step instead: gathered there through `decode_tables` when given, else
+    # with this step's tokens written at `decode_kv_index` (row * capacity + position).
+    decode_kv: DecodeKV | None = None
+    decode_kv_index: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict)
 
     def decode_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -93,10 +101,19 @@ class StepBatch:
         position (and within the window)."""
         key = ("decode", window, dtype)
         if key not in self._masks:
-            width = self.decode_tables.shape[1] * self.block_size
-            keys = torch.arange(width, device=self.decode_positions.device)
-            self._masks[key] = _additive(keys, self.decode_positions.unsqueeze(-1), window,
-                                         dtype)[:, None, None, :]  # fmt: skip
+            kv = self.decode_kv
+            width = kv.capacity if kv is not None else self.decode_tables.shape[1] * self.block_size
+            pos = self.decode_positions
+
+            def build() -> torch.Tensor:
+                keys = torch.arange(width, device=pos.device)
+                return _additive(keys, pos.unsqueeze(-1), window, dtype)
+
+            if kv is not None:
+                mask = kv.mask((window, dtype), build, self.decode_kv_index)[:, : kv.width]
+            else:
+                mask = build()
+            self._masks[key] = mask[:, None, None, :]
         return self._masks[key]
 
     def group_mask(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
@@ -206,8 +223,12 @@ def paged_attention(
         return out.unsqueeze(0), None
     # 2. The exact path.
     if batch.all_decode:
-        k = _gather(k_pool, batch.decode_tables)
-        v = _gather(v_pool, batch.decode_tables)
+        if batch.decode_kv is not None:
+            k, v = batch.decode_kv.read(layer, k_pool, v_pool, k_new, v_new,
+                                        batch.decode_tables, batch.decode_kv_index)  # fmt: skip
+        else:
+            k = _gather(k_pool, batch.decode_tables)
+            v = _gather(v_pool, batch.decode_tables)
         out = _attend(q.unsqueeze(2), k, v, batch.decode_mask(window, q.dtype), scaling, softcap)
         return out.squeeze(2).unsqueeze(0), None
     out = q.new_empty(q.shape)

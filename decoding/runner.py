@@ -31,6 +31,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 from . import attention
 from .attention import ATTENTION, AttentionSwitch, Chunk, Group, StepBatch, Uploader
 from .blocks import NULL_BLOCK, BlockPool, KVSeq
+from .decode_kv import DecodeKV
 from .graphs import DecodeGraphs
 from .loading import AdapterSwitch, LoadedModel
 
@@ -144,6 +145,7 @@ class ModelRunner:
         self.use_varlen = False
         self.uploader = Uploader(self.device)
         self.graphs: DecodeGraphs | None = None  # see `enable_graphs`
+        self.decode_kv: DecodeKV | None = None  # CPU: see `decoding/decode_kv.py`
 
     # ------------------------------------------------------------------ the pool
 
@@ -181,6 +183,9 @@ class ModelRunner:
             k[NULL_BLOCK].zero_()
             v[NULL_BLOCK].zero_()
         self.use_varlen = attention.varlen_kernel_available(self.device, self.dtype)
+        if self.device.type == "cpu":
+            shapes = [(s.kv_heads, s.head_dim, s.dtype) for s in self.layers]
+            self.decode_kv = DecodeKV(shapes, block_size, self.capacity_bytes() // 4)
 
     def capacity_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv)
@@ -217,6 +222,7 @@ class ModelRunner:
 
     def reset(self) -> None:
         """Free every handle (after a failed step: the pool's contents are suspect)."""
+        self._changed()
         for handle in list(self.seqs):
             self.free(handle)
         if self.pool is not None:
@@ -254,6 +260,7 @@ class ModelRunner:
         return self.pool.match(self.seqs[handle], tokens)
 
     def truncate(self, handle: int, length: int) -> None:
+        self._changed()
         self.pool.truncate(self.seqs[handle], length)
 
     def rewrite(self, handle: int, start: int, tokens: list[int]) -> None:
@@ -276,6 +283,13 @@ class ModelRunner:
         for s in self.seqs.values():
             out[s.owner] = out.get(s.owner, 0) + len(s.tokens) - s.dropped * bs
         return out
+
+    def _changed(self) -> None:
+        """Held sequences changed other than by a plain decode step (a forward of chunks, a
+        roll back, a failed step): the decode keys kept since the last one are stale. New or
+        freed handles need no call: handles are never reused, so other rows gather anew."""
+        if self.decode_kv is not None:
+            self.decode_kv.drop()
 
     def _zero(self, blocks: list[int] | torch.Tensor) -> None:
         if len(blocks):
@@ -304,6 +318,7 @@ class ModelRunner:
         keeps = keep_all if isinstance(keep_all, list) else [keep_all]
         if decode_ids is not None and not any(keeps) and not any(chunks):
             return self._decode(handles, decode_ids, decode_tokens)
+        self._changed()
         pool, bs = self.pool, self.pool.block_size
         keep = [keep_all] * len(handles) if isinstance(keep_all, bool) else keep_all
         seqs = [self.seqs[h] for h in handles]
@@ -411,38 +426,53 @@ class ModelRunner:
         """`forward` of a plain decode step (one token per row, ids on the device, the last
         logits of every row): the same computation with the least host work, since it is the
         step a server runs most."""
-        pool, bs = self.pool, self.pool.block_size
+        pool, bs, refs = self.pool, self.pool.block_size, self.pool.refs
         seqs = [self.seqs[h] for h in handles]
-        positions, slots, tables = [], [], []
+        positions, slots = [], []
         for i, seq in enumerate(seqs):
             p = len(seq.tokens)
-            if not pool.writable(seq, p + 1):
-                pool.reserve(seq, p + 1)
             blocks = seq.blocks
+            if p >= len(blocks) * bs or refs[blocks[p // bs]] != 1:  # `pool.writable`, inlined
+                pool.reserve(seq, p + 1)
             positions.append(p)
             slots.append(blocks[p // bs] * bs + p % bs)
-            tables.append(blocks)
             seq.tokens.append(tokens[i] if tokens else -1)  # -1: see `rewrite`
-        width = max(len(b) for b in tables)
+        width = max(len(s.blocks) for s in seqs)
         lens = [1] * len(seqs)
         graphs = self.graphs
         if graphs is not None and (self.switch is None and graphs.bucket(len(seqs))
                                    and width <= graphs.width):  # fmt: skip
-            named = {"pos": positions, "smap": slots, "tables": _padded(tables, width),
-                     **self._pool_changes()}  # fmt: skip
+            self._changed()
+            named = {
+                "pos": positions,
+                "smap": slots,
+                "tables": _padded([s.blocks for s in seqs], width),
+                **self._pool_changes(),
+            }
             dev = dict(zip(named, self._upload(list(named.values()))))
             self._apply_pool_changes(dev)
             ids = ids.to(dev["pos"].device)
             return self._guarded(seqs, lens, lambda: graphs.run(ids, dev, len(seqs), width))
-        named = {"pos": positions, "smap": slots, "tables": _padded(tables, width),
-                 **self._pool_changes(), **self._varlen_arrays(seqs, lens)}  # fmt: skip
+        # CPU: the rows' keys are kept contiguous from the last step (`carry` 0) or gathered
+        # at `carry` blocks wide; None: gathered per layer.
+        kv = self.decode_kv
+        carry = kv.begin(tuple(handles), max(positions) + 1) if kv is not None else None
+        named = {"pos": positions, "smap": slots}
+        if carry == 0:
+            named["kv_index"] = [i * kv.capacity + p for i, p in enumerate(positions)]
+        else:
+            width = carry or width
+            named["tables"] = _padded([s.blocks for s in seqs], width)
+        named.update(**self._pool_changes(), **self._varlen_arrays(seqs, lens))
         dev = dict(zip(named, self._upload(list(named.values()))))
         self._apply_pool_changes(dev)
         pos = dev["pos"]
         batch = StepBatch(
             block_size=bs, slot_mapping=dev["smap"], decode_index=pos[:0],
-            decode_tables=dev["tables"].view(len(seqs), width), decode_positions=pos, chunks=[],
-            group=None, all_decode=True, windows=self.windows, pools=self.kv,
+            decode_tables=dev["tables"].view(len(seqs), width) if carry != 0 else None,
+            decode_positions=pos, chunks=[], group=None, all_decode=True,
+            windows=self.windows, pools=self.kv, decode_kv=kv if carry is not None else None,
+            decode_kv_index=dev.get("kv_index"),
         )  # fmt: skip
         self._set_varlen(batch, dev, seqs, lens)
         owners = [self.seqs[h].owner for h in handles] if self.switch is not None else None
@@ -496,6 +526,7 @@ class ModelRunner:
         try:
             out = call()
         except BaseException:
+            self._changed()
             for seq, n in zip(seqs, lens):
                 pool.truncate(seq, len(seq.tokens) - n)
             raise

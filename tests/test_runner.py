@@ -177,3 +177,43 @@ def test_decode_graph_buffers_match_full_forwards_as_the_batch_shrinks_and_grows
                 torch.testing.assert_close(out[j], full(r, seqs[i]), atol=1e-4, rtol=0)
                 nxt[i] = int(out[j].argmax())
     assert max(len(s) for s in seqs) > 6 + 4  # past the window, across blocks
+
+
+@pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model_type, extra):
+    """On a CPU the decode rows' keys stay in `DecodeKV` from one step to the next (the new
+    token written, no gather): through rows leaving, a roll back, a verify block, a fork and
+    rows outgrowing it, every decode still equals its full forward."""
+    r = runner(model_type, blocks=256)
+    kv = r.decode_kv
+    seqs = prompts(4)
+    hs = [r.allocate() for _ in seqs]
+    nxt = [int(x.argmax()) for x in r.forward(hs, seqs)]
+    carried = 0
+
+    def decode(rows: list[int], steps: int) -> None:
+        nonlocal carried
+        for _ in range(steps):
+            for i in rows:
+                seqs[i].append(nxt[i])
+            held = (kv.rows, kv.capacity)
+            out = r.decode([hs[i] for i in rows], torch.tensor([nxt[i] for i in rows]))
+            carried += held == (tuple(hs[i] for i in rows), kv.capacity)
+            for j, i in enumerate(rows):
+                torch.testing.assert_close(out[j], full(r, seqs[i]), atol=1e-4, rtol=0)
+                nxt[i] = int(out[j].argmax())
+
+    decode([0, 1, 2, 3], 14)  # past the first capacity: gathered again, wider
+    decode([0, 2, 3], 3)  # a row left
+    r.truncate(hs[0], len(seqs[0]) - 2)  # a speculative block's tail rolled back
+    del seqs[0][-2:]
+    decode([0, 2, 3], 3)
+    block = [5, 6, 7]  # a verify block through the general forward
+    seqs[2].extend(block)
+    nxt[2] = int(r.forward([hs[2]], [block])[0].argmax())
+    decode([0, 2, 3], 3)
+    hs.append(r.fork(hs[3], 1)[0])  # an n > 1 sibling
+    seqs.append(list(seqs[3]))
+    nxt.append(nxt[3])
+    decode([0, 2, 3, 4], 3)
+    assert carried >= 15  # most steps carried the keys over
