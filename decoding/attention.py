@@ -83,6 +83,7 @@ class StepBatch:
     all_decode: bool  # every token is a decode token, in step order (no scatter needed)
     windows: list[int | None]  # per layer (None: full attention)
     pools: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: K, V [N, block, heads, dim]
+    slots: list[tuple[torch.Tensor, torch.Tensor]]  # the same, [N * block, heads, dim]
     # For a varlen kernel: cumulative query lengths, each sequence's KV length and table.
     cu_q: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
@@ -213,10 +214,13 @@ def paged_attention(
     k_pool, v_pool = batch.pools[layer]
     window = batch.windows[layer]
     # 1. The new tokens' KV into their blocks.
-    k_new = key[0].transpose(0, 1).to(k_pool.dtype)  # [T, Hkv, d]
-    v_new = value[0].transpose(0, 1).to(v_pool.dtype)
-    k_pool.view(-1, *k_pool.shape[2:]).index_copy_(0, batch.slot_mapping, k_new)
-    v_pool.view(-1, *v_pool.shape[2:]).index_copy_(0, batch.slot_mapping, v_new)
+    k_new = key[0].transpose(0, 1)  # [T, Hkv, d]
+    v_new = value[0].transpose(0, 1)
+    if k_new.dtype != k_pool.dtype:
+        k_new, v_new = k_new.to(k_pool.dtype), v_new.to(v_pool.dtype)
+    k_slots, v_slots = batch.slots[layer]
+    k_slots.index_copy_(0, batch.slot_mapping, k_new)
+    v_slots.index_copy_(0, batch.slot_mapping, v_new)
     q = query[0].transpose(0, 1)  # [T, H, d]
     if batch.cu_q is not None and softcap is None:
         out = _varlen(q, k_pool, v_pool, batch, window, scaling)

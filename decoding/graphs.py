@@ -74,7 +74,7 @@ class DecodeGraphs:
             block_size=r.pool.block_size, slot_mapping=self.slots[:n],
             decode_index=self.pos[:0], decode_tables=self.tables[:n],
             decode_positions=self.pos[:n], chunks=[], group=None, all_decode=True,
-            windows=r.windows, pools=r.kv,
+            windows=r.windows, pools=r.kv, slots=r.kv_slots,
         )  # fmt: skip
         if r.use_varlen:
             batch.cu_q, batch.seq_lens = self.cu_q[: n + 1], self.kv_lens[:n]

@@ -138,6 +138,7 @@ class ModelRunner:
         self.layers = self._probe()
         self.pool: BlockPool | None = None
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_slots: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.seqs: dict[int, KVSeq] = {}
         self._next = 0
         # A model whose every layer slides can let go of the blocks behind its window.
@@ -179,6 +180,8 @@ class ModelRunner:
             )
             for s in self.layers
         ]  # fmt: skip
+        # Each pool seen per token too, where `slot_mapping` writes (one view, made once).
+        self.kv_slots = [(k.view(-1, *k.shape[2:]), v.view(-1, *v.shape[2:])) for k, v in self.kv]
         for k, v in self.kv:
             k[NULL_BLOCK].zero_()
             v[NULL_BLOCK].zero_()
@@ -411,6 +414,7 @@ class ModelRunner:
             all_decode=len(dec_index) == t,
             windows=self.windows,
             pools=self.kv,
+            slots=self.kv_slots,
         )
         self._set_varlen(batch, dev, seqs, lens)
         owners = None
@@ -471,7 +475,8 @@ class ModelRunner:
             block_size=bs, slot_mapping=dev["smap"], decode_index=pos[:0],
             decode_tables=dev["tables"].view(len(seqs), width) if carry != 0 else None,
             decode_positions=pos, chunks=[], group=None, all_decode=True,
-            windows=self.windows, pools=self.kv, decode_kv=kv if carry is not None else None,
+            windows=self.windows, pools=self.kv, slots=self.kv_slots,
+            decode_kv=kv if carry is not None else None,
             decode_kv_index=dev.get("kv_index"),
         )  # fmt: skip
         self._set_varlen(batch, dev, seqs, lens)
