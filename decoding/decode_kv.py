@@ -77,10 +77,11 @@ class DecodeKV:
         return k[:, : self.width].transpose(1, 2), v[:, : self.width].transpose(1, 2)
 
     def _gather(self, store: list, layer: int, pool: torch.Tensor, tables: torch.Tensor):
-        """The rows' blocks of `pool` copied into this layer's storage (grown when short);
-        returns it viewed as `[rows * capacity, kv_heads, dim]` and `[rows, capacity, ...]`."""
+        """The rows' blocks of `pool` copied into this layer's storage (re-sized when short, or
+        when under half of it would be used: it follows the batch down as well as up); returns
+        it viewed as `[rows * capacity, kv_heads, dim]` and `[rows, capacity, ...]`."""
         n = len(self.rows) * self.capacity * pool.shape[2] * pool.shape[3]
-        if store[layer] is None or store[layer].numel() < n:
+        if store[layer] is None or not n <= store[layer].numel() <= 2 * n:
             store[layer] = pool.new_empty(n)
         x = store[layer][:n]
         torch.index_select(pool, 0, tables.flatten(), out=x.view(-1, *pool.shape[1:]))

@@ -217,3 +217,6 @@ def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model
     nxt.append(nxt[3])
     decode([0, 2, 3, 4], 3)
     assert carried >= 15  # most steps carried the keys over
+    kv.limit = 0  # rows it may not hold: gathered per layer, as without it
+    decode([0, 1, 2, 3, 4], 2)
+    assert kv.rows is None
