@@ -70,7 +70,8 @@ class Group:
 class StepBatch:
     """Everything one flattened forward needs besides the token ids: built on the host, moved
     to the device in one copy. Plain tensors and ints, so it could be broadcast to the ranks of
-    a tensor-parallel group as it is."""
+    a tensor-parallel group as it is; `pools`, `slots` and `decode_kv` are the runner's own
+    memory, which each rank would hold for its shard and set after the broadcast."""
 
     block_size: int
     slot_mapping: torch.Tensor  # [T] where each token's KV goes
