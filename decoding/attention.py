@@ -197,6 +197,20 @@ def _gather(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2)
 
 
+def _decode_keys(batch: StepBatch, layer: int, k_new, v_new) -> tuple[torch.Tensor, torch.Tensor]:
+    """The single-token rows' keys and values [Bd, Hkv, S, d]: from the runner's `DecodeKV`
+    where the step uses it (its rows' new tokens written there), else gathered from the pool."""
+    k_pool, v_pool = batch.pools[layer]
+    kv = batch.decode_kv
+    if kv is None:
+        return _gather(k_pool, batch.decode_tables), _gather(v_pool, batch.decode_tables)
+    if batch.decode_kv_index is not None and not batch.all_decode:
+        k_new = k_new.index_select(0, batch.decode_index)
+        v_new = v_new.index_select(0, batch.decode_index)
+    return kv.read(layer, k_pool, v_pool, k_new, v_new, batch.decode_tables,
+                   batch.decode_kv_index)  # fmt: skip
+
+
 def paged_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -228,18 +242,12 @@ def paged_attention(
         return out.unsqueeze(0), None
     # 2. The exact path.
     if batch.all_decode:
-        if batch.decode_kv is not None:
-            k, v = batch.decode_kv.read(layer, k_pool, v_pool, k_new, v_new,
-                                        batch.decode_tables, batch.decode_kv_index)  # fmt: skip
-        else:
-            k = _gather(k_pool, batch.decode_tables)
-            v = _gather(v_pool, batch.decode_tables)
+        k, v = _decode_keys(batch, layer, k_new, v_new)
         out = _attend(q.unsqueeze(2), k, v, batch.decode_mask(window, q.dtype), scaling, softcap)
         return out.squeeze(2).unsqueeze(0), None
     out = q.new_empty(q.shape)
     if batch.decode_index.numel():
-        k = _gather(k_pool, batch.decode_tables)
-        v = _gather(v_pool, batch.decode_tables)
+        k, v = _decode_keys(batch, layer, k_new, v_new)
         qd = q.index_select(0, batch.decode_index).unsqueeze(2)
         od = _attend(qd, k, v, batch.decode_mask(window, q.dtype), scaling, softcap)
         out.index_copy_(0, batch.decode_index, od.squeeze(2))

@@ -182,8 +182,8 @@ def test_decode_graph_buffers_match_full_forwards_as_the_batch_shrinks_and_grows
 @pytest.mark.parametrize("model_type,extra", [("llama", {}), ("mistral", {"sliding_window": 6})])
 def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model_type, extra):
     """On a CPU the decode rows' keys stay in `DecodeKV` from one step to the next (the new
-    token written, no gather): through rows leaving, a roll back, a verify block, a fork and
-    rows outgrowing it, every decode still equals its full forward."""
+    token written, no gather): through rows leaving, a roll back, a verify block, a fork, a
+    prompt joining and rows outgrowing it, every decode still equals its full forward."""
     r = runner(model_type, blocks=256)
     kv = r.decode_kv
     seqs = prompts(4)
@@ -216,7 +216,30 @@ def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model
     seqs.append(list(seqs[3]))
     nxt.append(nxt[3])
     decode([0, 2, 3, 4], 3)
-    assert carried >= 15  # most steps carried the keys over
+    # A prompt joins: its chunk and the decode rows in one forward, the decode rows' keys
+    # carried over; then one row's verify block in one forward with the others' decode tokens.
+    for new, chunk_of in ((None, None), (2, [9, 8, 7])):
+        rows = [0, 2, 3, 4]
+        if new is None:
+            hs.append(r.allocate())
+            seqs.append(prompts(6, seed=3)[5])
+            chunk_of, new = seqs[-1], len(seqs) - 1
+            nxt.append(0)
+        else:
+            seqs[new].extend(chunk_of)
+            rows.remove(new)
+        for i in rows:
+            seqs[i].append(nxt[i])
+        held = (kv.rows, kv.capacity)
+        out = r.forward([hs[i] for i in rows] + [hs[new]], [None] * len(rows) + [list(chunk_of)],
+                        torch.tensor([nxt[i] for i in rows]))  # fmt: skip
+        if new == 5:  # the joining prompt's chunk left the held keys be
+            assert held == (tuple(hs[i] for i in rows), kv.capacity)
+        for j, i in enumerate([*rows, new]):
+            torch.testing.assert_close(out[j], full(r, seqs[i]), atol=1e-4, rtol=0)
+            nxt[i] = int(out[j].argmax())
+        decode([0, 2, 3, 4, 5], 2)
+    assert carried >= 18  # most steps carried the keys over
     kv.limit = 0  # rows it may not hold: gathered per layer, as without it
-    decode([0, 1, 2, 3, 4], 2)
+    decode([0, 1, 2, 3, 4, 5], 2)
     assert kv.rows is None
