@@ -8,11 +8,12 @@ decode step after step, that copy is the previous step's plus one token per row,
 by (row, position). It is gathered from the blocks when the rows change or outgrow it, and
 otherwise each step's new token is written into it next to the pool write.
 
-It also serves the single-token rows of a step where prompts join (their chunks belong to other
-sequences). The runner drops it (`drop`) whenever a held sequence changes any other way: a
-longer run written into it (a verify block), a truncation, a failed step; new or freed rows
-make a new set of rows, which gathers anew. So what attention reads is always what a gather
-would give.
+It also serves a step where prompts join, when its single-token rows are exactly the rows it
+holds (the prompts' chunks belong to other sequences); while rows change every step, as when a
+burst of prompts arrives, those steps gather per layer instead. The runner drops it (`drop`)
+whenever a held sequence changes any other way: a longer run written into it (a verify
+block), a truncation, a failed step; new or freed rows make a new set of rows, which gathers
+anew. So what attention reads is always what a gather would give.
 
 CPU only: on CUDA the varlen kernel reads the blocks in place, and a copy of every layer's
 context would take memory the KV budget does not count. Bounded: the runner sizes its `limit`

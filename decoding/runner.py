@@ -369,15 +369,13 @@ class ModelRunner:
                 keep_index.append(t + n - 1)
             t += n
         width = max((len(b) for b in dec_tables), default=0)
-        carry = self._carry(handles, lens, dec_pos)
-        if carry:
-            width = carry
+        carried = self._carries(handles, lens, dec_pos)
         named = {
             "ids": host_ids, "pos": positions, "smap": slot_mapping, "d_index": dec_index,
             "d_pos": dec_pos, "keep": keep_index,
-            "d_tables": _padded(dec_tables, width) if carry != 0 else [],
+            "d_tables": [] if carried else _padded(dec_tables, width),
             "kv_index": [i * self.decode_kv.capacity + p for i, p in enumerate(dec_pos)]
-            if carry == 0 else [],
+            if carried else [],
             "from_device": [dec_index[j] for j, r in enumerate(dec_pos_rows) if r],
             **self._pool_changes(), **self._varlen_arrays(seqs, lens),
         }  # fmt: skip
@@ -404,9 +402,7 @@ class ModelRunner:
             block_size=bs,
             slot_mapping=dev["smap"],
             decode_index=dev["d_index"],
-            decode_tables=dev["d_tables"].view(len(dec_tables), max(width, 1))
-            if carry != 0
-            else None,
+            decode_tables=None if carried else dev["d_tables"].view(len(dec_tables), max(width, 1)),
             decode_positions=dev["d_pos"],
             chunks=[Chunk(m[0], m[1], dev[f"chunk{i}"], m[2]) for i, m in enumerate(chunk_meta)],
             group=Group(
@@ -422,8 +418,8 @@ class ModelRunner:
             windows=self.windows,
             pools=self.kv,
             slots=self.kv_slots,
-            decode_kv=self.decode_kv if carry is not None else None,
-            decode_kv_index=dev["kv_index"] if carry == 0 else None,
+            decode_kv=self.decode_kv if carried else None,
+            decode_kv_index=dev["kv_index"] if carried else None,
         )
         self._set_varlen(batch, dev, seqs, lens)
         owners = None
@@ -492,17 +488,22 @@ class ModelRunner:
         owners = [self.seqs[h].owner for h in handles] if self.switch is not None else None
         return self._run(batch, seqs, lens, owners, ids.to(pos.device), pos, 0)
 
-    def _carry(self, handles: list[int], lens: list[int], dec_pos: list[int]) -> int | None:
-        """For a forward of chunks: what `DecodeKV.begin` says for its single-token rows
-        (None without them, or off a CPU), after dropping it if a longer run (a verify block)
-        writes into a row it holds. Prompt chunks of other sequences leave it be."""
+    def _carries(self, handles: list[int], lens: list[int], dec_pos: list[int]) -> bool:
+        """For a forward of chunks: whether its single-token rows are the rows `DecodeKV`
+        holds (prompt chunks of other sequences join them), so their keys carry on. Otherwise
+        they are gathered per layer, as without it (rows change every step while a burst of
+        prompts joins: a copy made then would rarely be used twice), and it is dropped if it
+        holds a row this forward writes into."""
         kv = self.decode_kv
         if kv is None:
-            return None
-        if kv.rows is not None and any(n > 1 and h in kv.rows for h, n in zip(handles, lens)):
-            kv.drop()
+            return False
         rows = tuple(h for h, n in zip(handles, lens) if n == 1)
-        return kv.begin(rows, max(dec_pos) + 1) if rows else None
+        longest = max(dec_pos, default=-1) + 1
+        if rows and rows == kv.rows and longest <= kv.capacity:
+            return kv.begin(rows, longest) == 0
+        if kv.rows is not None and any(h in kv.rows for h in handles):
+            kv.drop()
+        return False
 
     def _pool_changes(self) -> dict[str, list[int]]:
         """What the pool asked for since the last forward, as upload arrays: blocks new to it

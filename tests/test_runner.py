@@ -234,7 +234,7 @@ def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model
         out = r.forward([hs[i] for i in rows] + [hs[new]], [None] * len(rows) + [list(chunk_of)],
                         torch.tensor([nxt[i] for i in rows]))  # fmt: skip
         if new == 5:  # the joining prompt's chunk left the held keys be
-            assert held == (tuple(hs[i] for i in rows), kv.capacity)
+            assert held == (kv.rows, kv.capacity) == (tuple(hs[i] for i in rows), kv.capacity)
         for j, i in enumerate([*rows, new]):
             torch.testing.assert_close(out[j], full(r, seqs[i]), atol=1e-4, rtol=0)
             nxt[i] = int(out[j].argmax())
