@@ -204,7 +204,7 @@ def _decode_keys(batch: StepBatch, layer: int, k_new, v_new) -> tuple[torch.Tens
     kv = batch.decode_kv
     if kv is None:
         return _gather(k_pool, batch.decode_tables), _gather(v_pool, batch.decode_tables)
-    if batch.decode_kv_index is not None and not batch.all_decode:
+    if not batch.all_decode:  # a step where prompts join: only its decode rows' tokens
         k_new = k_new.index_select(0, batch.decode_index)
         v_new = v_new.index_select(0, batch.decode_index)
     return kv.read(layer, k_pool, v_pool, k_new, v_new, batch.decode_tables,

@@ -62,6 +62,10 @@ class DecodeKV:
         self._masks = {}
         return blocks
 
+    def write_index(self, positions: list[int]) -> list[int]:
+        """Where each held row's token at `positions` goes in the flat storage."""
+        return [i * self.capacity + p for i, p in enumerate(positions)]
+
     def read(self, layer: int, k_pool: torch.Tensor, v_pool: torch.Tensor,
              k_new: torch.Tensor, v_new: torch.Tensor, tables: torch.Tensor | None,
              index: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip

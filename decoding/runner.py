@@ -288,9 +288,10 @@ class ModelRunner:
         return out
 
     def _changed(self) -> None:
-        """Held sequences changed other than by a plain decode step (a forward of chunks, a
-        roll back, a failed step): the decode keys kept since the last one are stale. New or
-        freed handles need no call: handles are never reused, so other rows gather anew."""
+        """Held sequences changed other than by a decode token (a roll back, a failed step, a
+        graph replay; `_carries` covers forwards of chunks): the decode keys kept since the
+        last step are stale. New or freed handles need no call: handles are never reused, so
+        other rows gather anew."""
         if self.decode_kv is not None:
             self.decode_kv.drop()
 
@@ -374,8 +375,7 @@ class ModelRunner:
             "ids": host_ids, "pos": positions, "smap": slot_mapping, "d_index": dec_index,
             "d_pos": dec_pos, "keep": keep_index,
             "d_tables": [] if carried else _padded(dec_tables, width),
-            "kv_index": [i * self.decode_kv.capacity + p for i, p in enumerate(dec_pos)]
-            if carried else [],
+            "kv_index": self.decode_kv.write_index(dec_pos) if carried else [],
             "from_device": [dec_index[j] for j, r in enumerate(dec_pos_rows) if r],
             **self._pool_changes(), **self._varlen_arrays(seqs, lens),
         }  # fmt: skip
@@ -446,9 +446,9 @@ class ModelRunner:
             positions.append(p)
             slots.append(blocks[p // bs] * bs + p % bs)
             seq.tokens.append(tokens[i] if tokens else -1)  # -1: see `rewrite`
-        width = max(len(s.blocks) for s in seqs)
         lens = [1] * len(seqs)
         graphs = self.graphs
+        width = max(len(s.blocks) for s in seqs) if graphs is not None else 0
         if graphs is not None and (self.switch is None and graphs.bucket(len(seqs))
                                    and width <= graphs.width):  # fmt: skip
             self._changed()
@@ -468,9 +468,9 @@ class ModelRunner:
         carry = kv.begin(tuple(handles), max(positions) + 1) if kv is not None else None
         named = {"pos": positions, "smap": slots}
         if carry == 0:
-            named["kv_index"] = [i * kv.capacity + p for i, p in enumerate(positions)]
+            named["kv_index"] = kv.write_index(positions)
         else:
-            width = carry or width
+            width = carry or max(len(s.blocks) for s in seqs)
             named["tables"] = _padded([s.blocks for s in seqs], width)
         named.update(**self._pool_changes(), **self._varlen_arrays(seqs, lens))
         dev = dict(zip(named, self._upload(list(named.values()))))
