@@ -17,7 +17,11 @@ anew. So what attention reads is always what a gather would give.
 
 CPU only: on CUDA the varlen kernel reads the blocks in place, and a copy of every layer's
 context would take memory the KV budget does not count. Bounded: the runner sizes its `limit`
-(a quarter of the pool's bytes); rows needing more gather per layer as before.
+(a quarter of the pool's bytes); rows needing more gather per layer as before. Each layer's
+storage is allocated once, at that bound, the first time it is gathered, and every gather
+uses its start: no allocation in a step, and (like the pool's) its pages are only touched as
+far as the widest batch has used it, so the server's memory settles instead of rising and
+falling with the batch.
 """
 
 from __future__ import annotations
@@ -30,13 +34,12 @@ class DecodeKV:
         """`shapes`: each layer's (kv_heads, head_dim, dtype); `limit`: most bytes to hold."""
         self.block_size = block_size
         self.limit = limit
-        self.token_bytes = sum(
-            2 * h * d * torch.empty((), dtype=t).element_size() for h, d, t in shapes
-        )
+        token_bytes = sum(2 * h * d * torch.empty((), dtype=t).element_size() for h, d, t in shapes)
+        self.max_tokens = limit // token_bytes  # rows x capacity, over every layer within `limit`
         self.rows: tuple[int, ...] | None = None  # the handles whose keys it holds, in order
         self.capacity = 0  # tokens per row
         self.width = 0  # tokens attended this step: the longest row's
-        self._k: list[torch.Tensor | None] = [None] * len(shapes)  # flat storage per layer
+        self._k: list[torch.Tensor | None] = [None] * len(shapes)  # storage per layer, flat
         self._v: list[torch.Tensor | None] = [None] * len(shapes)
         self._views: list = [None] * len(shapes)  # per layer: (K, V) as (flat, per row)
         self._masks: dict = {}  # (window, dtype) -> additive mask [rows, capacity]
@@ -55,7 +58,7 @@ class DecodeKV:
             return 0
         blocks = -(-longest // self.block_size)
         blocks += max(2, blocks // 4)  # room to grow before the next gather
-        if len(rows) * blocks * self.block_size * self.token_bytes > self.limit:
+        if len(rows) * blocks * self.block_size > self.max_tokens:
             self.rows = None
             return None
         self.rows, self.capacity = rows, blocks * self.block_size
@@ -84,13 +87,12 @@ class DecodeKV:
         return k[:, : self.width].transpose(1, 2), v[:, : self.width].transpose(1, 2)
 
     def _gather(self, store: list, layer: int, pool: torch.Tensor, tables: torch.Tensor):
-        """The rows' blocks of `pool` copied into this layer's storage (re-sized when short, or
-        when under half of it would be used: it follows the batch down as well as up); returns
-        it viewed as `[rows * capacity, kv_heads, dim]` and `[rows, capacity, ...]`."""
-        n = len(self.rows) * self.capacity * pool.shape[2] * pool.shape[3]
-        if store[layer] is None or not n <= store[layer].numel() <= 2 * n:
-            store[layer] = pool.new_empty(n)
-        x = store[layer][:n]
+        """The rows' blocks of `pool` copied into the start of this layer's storage; returns
+        them viewed as `[rows * capacity, kv_heads, dim]` and `[rows, capacity, ...]`."""
+        per_token = pool.shape[2] * pool.shape[3]
+        if store[layer] is None:
+            store[layer] = pool.new_empty(self.max_tokens * per_token)
+        x = store[layer][: len(self.rows) * self.capacity * per_token]
         torch.index_select(pool, 0, tables.flatten(), out=x.view(-1, *pool.shape[1:]))
         return x.view(-1, *pool.shape[2:]), x.view(len(self.rows), self.capacity, *pool.shape[2:])
 

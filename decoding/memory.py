@@ -72,11 +72,13 @@ def size_pools(
         )
     for runner, names in groups:
         runner.allocate_pool(len(names) * blocks + 1, bs, config.prefix_caching)
+    copies = sum(r.decode_kv.limit for r, _ in groups if r.decode_kv is not None)
     log.info(
-        "KV cache: %.1f MiB, %d tokens per model in blocks of %d%s; attention: %s",
+        "KV cache: %.1f MiB, %d tokens per model in blocks of %d%s%s; attention: %s",
         sum(r.capacity_bytes() for r, _ in groups) / 2**20,
         blocks * bs,
         bs,
         ", prefix caching" if config.prefix_caching else "",
+        f" (+ up to {copies / 2**20:.1f} MiB for a CPU decode copy)" if copies else "",
         "varlen paged kernel" if groups[0][0].use_varlen else "exact (gathered blocks, SDPA)",
     )

@@ -183,7 +183,8 @@ def test_decode_graph_buffers_match_full_forwards_as_the_batch_shrinks_and_grows
 def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model_type, extra):
     """On a CPU the decode rows' keys stay in `DecodeKV` from one step to the next (the new
     token written, no gather): through rows leaving, a roll back, a verify block, a fork, a
-    prompt joining and rows outgrowing it, every decode still equals its full forward."""
+    prompt joining and rows outgrowing it, every decode still equals its full forward, and
+    every gather reuses the storage of the first."""
     r = runner(model_type, blocks=256)
     kv = r.decode_kv
     seqs = prompts(4)
@@ -204,6 +205,7 @@ def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model
                 nxt[i] = int(out[j].argmax())
 
     decode([0, 1, 2, 3], 14)  # past the first capacity: gathered again, wider
+    storage = [t.data_ptr() for t in kv._k + kv._v]
     decode([0, 2, 3], 3)  # a row left
     r.truncate(hs[0], len(seqs[0]) - 2)  # a speculative block's tail rolled back
     del seqs[0][-2:]
@@ -240,6 +242,9 @@ def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model
             nxt[i] = int(out[j].argmax())
         decode([0, 2, 3, 4, 5], 2)
     assert carried >= 18  # most steps carried the keys over
-    kv.limit = 0  # rows it may not hold: gathered per layer, as without it
+    # Every gather reused the storage allocated at the first: no allocation in a step, and
+    # memory that does not rise and fall with the batch.
+    assert [t.data_ptr() for t in kv._k + kv._v] == storage
+    kv.max_tokens = 0  # rows it may not hold: gathered per layer, as without it
     decode([0, 1, 2, 3, 4, 5], 2)
     assert kv.rows is None
