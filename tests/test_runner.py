@@ -204,8 +204,9 @@ def test_decode_keys_kept_between_steps_match_full_forwards_as_rows_change(model
                 torch.testing.assert_close(out[j], full(r, seqs[i]), atol=1e-4, rtol=0)
                 nxt[i] = int(out[j].argmax())
 
-    decode([0, 1, 2, 3], 14)  # past the first capacity: gathered again, wider
+    decode([0, 1, 2, 3], 1)  # the first gather
     storage = [t.data_ptr() for t in kv._k + kv._v]
+    decode([0, 1, 2, 3], 13)  # past the first capacity: gathered again, wider
     decode([0, 2, 3], 3)  # a row left
     r.truncate(hs[0], len(seqs[0]) - 2)  # a speculative block's tail rolled back
     del seqs[0][-2:]
